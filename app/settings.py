@@ -1,0 +1,127 @@
+"""The one typed settings object.
+
+Sources, highest priority first: explicit init arguments, ``ENCLAVE_*`` environment variables
+(nested with ``__``, e.g. ``ENCLAVE_CHUNKING__CHUNK_SIZE=500``), the YAML file named by
+``--config`` or ``ENCLAVE_CONFIG``, then the defaults below. Only ``app`` reads settings; the
+libraries receive plain values from it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class ModelEntry(BaseModel):
+    """A model an operator registered: a local HF folder or a GGUF file."""
+
+    path: Path
+    kind: str = Field("generation", pattern="^(generation|embedding|reranker)$")
+    gguf_file: str | None = None
+
+
+class EmbeddingSettings(BaseModel):
+    model: str = "all-minilm-l6-v2"
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    batch_size: int = Field(64, ge=1)
+    device: str = "cpu"
+
+
+class GenerationSettings(BaseModel):
+    model: str = "smollm2-135m-instruct"
+
+
+class ChunkingSettings(BaseModel):
+    chunk_size: int = Field(750, ge=50, description="characters per chunk")
+    chunk_overlap: int = Field(150, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_smaller(self) -> "ChunkingSettings":
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError("chunking.chunk_overlap must be smaller than chunking.chunk_size")
+        return self
+
+
+class IngestSettings(BaseModel):
+    default_groups: list[str] = Field(default_factory=lambda: ["everyone"])
+    # Files per batch: parsed, chunked, embedded and committed together (bounds memory).
+    batch_files: int = Field(32, ge=1)
+    # How often (seconds) a running ingest publishes the vector index; the database is always
+    # committed per batch and the index is reconciled from it after a crash.
+    checkpoint_seconds: float = Field(60.0, ge=0)
+    max_file_mb: float = Field(100.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ENCLAVE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    data_dir: Path = Path("./var")
+    models_dir: Path | None = None
+    database_url: str | None = None
+    default_kb: str = "default"
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("ENCLAVE_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    # Derived locations -------------------------------------------------------------------
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        base = self.models_dir if self.models_dir is not None else self.resolved_data_dir / "models"
+        return Path(base).expanduser().resolve()
+
+    @property
+    def index_dir(self) -> Path:
+        return self.resolved_data_dir / "indexes"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'enclave.db'}"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; ``config_file`` (the ``--config`` option) wins over ``ENCLAVE_CONFIG``."""
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        os.environ["ENCLAVE_CONFIG"] = str(path)
+    elif os.environ.get("ENCLAVE_CONFIG") and not Path(os.environ["ENCLAVE_CONFIG"]).is_file():
+        raise FileNotFoundError(f"config file not found: {os.environ['ENCLAVE_CONFIG']}")
+    return Settings(**overrides)
