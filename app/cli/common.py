@@ -1,0 +1,71 @@
+"""Shared pieces of the console scripts: the --config option, the container, clean error exits."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+# No model hub, ever: every model comes from the models directory.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+console = Console(stderr=True)
+out = Console()
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (default: $ENCLAVE_CONFIG).", show_default=False),
+]
+
+
+class State:
+    config: Path | None = None
+    _container = None
+
+    @classmethod
+    def container(cls):
+        if cls._container is None:
+            from app.container import Container
+            from app.settings import load_settings
+
+            cls._container = Container(load_settings(cls.config))
+        return cls._container
+
+
+def set_config(config: Path | None) -> None:
+    State.config = config
+    State._container = None
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from app.settings import Settings  # noqa: F401  (import side effects only)
+    from ingest.acl import AclError
+    from ingest.pipeline import IngestError
+    from llm.models import ModelError
+    from retrieval.store import KnowledgeBaseError
+
+    return (AclError, IngestError, ModelError, KnowledgeBaseError, FileNotFoundError, ValidationError, RuntimeError)
+
+
+def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors users can fix into one clear line and exit code 2 (no traceback)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except user_errors() as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper

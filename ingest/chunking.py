@@ -1,0 +1,78 @@
+"""Split loaded documents into overlapping, sentence-aligned chunks for embedding.
+
+Sizes are in characters (not tokens): the same setting then means roughly the same amount of
+text for Chinese and English, and splitting needs no tokenizer. Each section is split on its
+own, so a chunk never spans two PDF pages or two headings and can cite exactly one location.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+from ingest.loaders import LoadedDocument
+
+__all__ = ["Chunk", "Chunker", "SEPARATORS"]
+
+# Tried in order: the first that occurs in an over-long piece of text splits it, and pieces that
+# are still too long are split by the next ones. They are regexes (is_separator_regex=True) and
+# are kept at the END of the piece before them (keep_separator="end"), so a sentence keeps its
+# full stop and the next chunk starts at the start of a sentence. Must not contain capturing
+# groups: the splitter wraps each in one for re.split.
+SEPARATORS: list[str] = [
+    r"\n\n+",  # paragraphs
+    r"\n",  # lines (list items, table rows, CSV records)
+    # Chinese sentence enders, with any closing quotes/brackets that follow them: 他说：“好。”
+    r"[。！？]+[”’」』）》]*",
+    # English sentence enders: punctuation, optional closing quote/bracket, then whitespace, so
+    # "3.5" or "example.com" are not split.
+    r"[.!?]+[\"'”’)\]]*\s+",
+    # Clauses: semicolons (both widths), then commas (both widths, plus the Chinese list comma).
+    r"；|;\s+",
+    r"[，、]|,\s+",
+    r"\s+",  # words
+    "",  # characters: last resort for unbroken text such as long URLs or unpunctuated CJK
+]
+
+
+@dataclass
+class Chunk:
+    ordinal: int  # 0.. within the document
+    text: str
+    page: int | None
+    heading: str | None
+
+
+class Chunker:
+    def __init__(self, chunk_size: int = 750, chunk_overlap: int = 150):
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        if not 0 <= chunk_overlap < chunk_size:
+            raise ValueError("chunk_overlap must be at least 0 and smaller than chunk_size")
+        self.chunk_size = chunk_size
+        self.chunk_overlap = chunk_overlap
+        self._splitter = RecursiveCharacterTextSplitter(
+            separators=SEPARATORS,
+            is_separator_regex=True,
+            keep_separator="end",
+            chunk_size=chunk_size,
+            chunk_overlap=chunk_overlap,
+            length_function=len,
+            strip_whitespace=True,
+        )
+
+    def split(self, doc: LoadedDocument) -> list[Chunk]:
+        """Chunks of ``doc`` in reading order; the same input always gives the same output."""
+        chunks: list[Chunk] = []
+        for section in doc.sections:
+            for piece in self.split_text(section.text):
+                chunks.append(Chunk(len(chunks), piece, section.page, section.heading))
+        return chunks
+
+    def split_text(self, text: str) -> list[str]:
+        pieces = (p.strip() for p in self._splitter.split_text(text))
+        # A piece that is only punctuation/markup (e.g. a stray "。" after a character split)
+        # carries nothing worth embedding.
+        return [p for p in pieces if p and re.search(r"\w", p)]

@@ -1,0 +1,653 @@
+"""Document loaders: turn a file on disk into titled, located runs of plain text.
+
+Every loader returns a :class:`LoadedDocument` whose sections carry where their text came from
+(page for PDFs, nearest heading for structured formats) so that chunks and citations can point
+back into the source. Loaders never leak library exceptions: anything unreadable becomes a
+:class:`LoaderError` whose message is short enough to show to an operator as-is.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "LoadedDocument",
+    "LoaderError",
+    "Section",
+    "UnsupportedFileType",
+    "file_type_for",
+    "load_document",
+]
+
+
+@dataclass
+class Section:
+    """A run of text with its location."""
+
+    text: str
+    page: int | None = None  # 1-based page for PDFs, else None
+    heading: str | None = None  # nearest heading (html/md/rst/docx), else None
+
+
+@dataclass
+class LoadedDocument:
+    title: str | None
+    sections: list[Section]
+    file_type: str  # "txt", "md", "rst", "html", "pdf", "docx", "csv"
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+class UnsupportedFileType(Exception):
+    """The file's suffix is not one we can load."""
+
+
+class LoaderError(Exception):
+    """The file is corrupt or unreadable; ``str(e)`` is a short human-readable reason."""
+
+
+_SUFFIX_TYPES: dict[str, str] = {
+    ".txt": "txt",
+    ".md": "md",
+    ".markdown": "md",
+    ".rst": "rst",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+    ".docx": "docx",
+    ".csv": "csv",
+}
+SUPPORTED_SUFFIXES: frozenset[str] = frozenset(_SUFFIX_TYPES)
+
+_TITLE_MAX = 120  # characters kept of a first line used as a title
+CSV_ROWS_PER_SECTION = 50
+
+
+def file_type_for(path: Path) -> str | None:
+    """The loader type for ``path`` by suffix (case-insensitive), or None when unsupported."""
+    return _SUFFIX_TYPES.get(Path(path).suffix.lower())
+
+
+def load_document(path: Path) -> LoadedDocument:
+    path = Path(path)
+    file_type = file_type_for(path)
+    if file_type is None:
+        raise UnsupportedFileType(f"unsupported file type: {path.suffix or '(no suffix)'}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LoaderError(f"cannot read file: {exc.strerror or exc}") from None
+    doc = _LOADERS[file_type](data, path)
+    doc.sections = _merge_heading_only(
+        [s for s in (_clean_section(s) for s in doc.sections) if s.text]
+    )
+    return doc
+
+
+# --- shared text helpers ---------------------------------------------------------------------
+
+# Horizontal whitespace including no-break and ideographic (full-width) spaces and zero-width
+# characters that editors and PDF extractors sprinkle into text.
+_HSPACE = re.compile(r"[ \t\f\v\u00a0\u1680\u2000-\u200b\u202f\u205f\u3000\ufeff]+")
+# C0/C1 control characters other than tab/newline: never meaningful in text we index.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def normalise_whitespace(text: str) -> str:
+    """Collapse space runs, strip lines, and keep paragraph breaks as exactly one blank line."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub(" ", text)
+    lines = [_HSPACE.sub(" ", line).strip() for line in text.split("\n")]
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _clean_section(section: Section) -> Section:
+    heading = normalise_whitespace(section.heading) if section.heading else None
+    return Section(normalise_whitespace(section.text), section.page, heading or None)
+
+
+def _merge_heading_only(sections: list[Section]) -> list[Section]:
+    """Fold a section that is nothing but its heading into the next one.
+
+    ``# Handbook`` directly followed by ``## Leave`` would otherwise become a chunk holding one
+    word; prefixed to the next section it gives that section's chunks their context instead.
+    """
+    out: list[Section] = []
+    carry = ""
+    for i, sec in enumerate(sections):
+        text = f"{carry}\n\n{sec.text}" if carry else sec.text
+        carry = ""
+        nxt = sections[i + 1] if i + 1 < len(sections) else None
+        if nxt is not None and nxt.page == sec.page and _is_heading_only(sec):
+            carry = text
+            continue
+        out.append(Section(text, sec.page, sec.heading))
+    return out
+
+
+def _is_heading_only(sec: Section) -> bool:
+    if not sec.heading:
+        return False
+    rest = sec.text.replace(sec.heading, "", 1)
+    return not any(ch.isalnum() for ch in rest)  # only markup such as "#" or "====" left
+
+
+def _first_line_title(text: str) -> str | None:
+    for line in text.splitlines():
+        line = _HSPACE.sub(" ", line).strip()
+        if line:
+            return line if len(line) <= _TITLE_MAX else line[: _TITLE_MAX - 1].rstrip() + "…"
+    return None
+
+
+def decode_text(data: bytes) -> str:
+    """Decode a text file: UTF-8 (BOM optional), UTF-16 with BOM, else GB18030.
+
+    GB18030 is the usual encoding of Chinese office files; it is a superset of GBK/GB2312 and of
+    ASCII, so it is the natural second guess. Binary data is rejected rather than decoded into
+    mojibake (GB18030 accepts many byte sequences, so "it decoded" proves little by itself).
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 carries NULs, so check it first
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise LoaderError("not a text file (invalid UTF-16)") from None
+    if b"\x00" in data:
+        raise LoaderError("not a text file (binary content)")
+    for encoding in ("utf-8-sig", "gb18030"):
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if _looks_binary(text):
+            break
+        return text
+    raise LoaderError("not a text file (cannot decode as UTF-8 or GB18030)")
+
+
+def _looks_binary(text: str) -> bool:
+    sample = text[:20000]
+    if not sample:
+        return False
+    odd = sum(1 for ch in sample if (ch < " " and ch not in "\t\n\r\f") or "\ue000" <= ch <= "\uf8ff")
+    return odd / len(sample) > 0.02  # control or private-use characters: not human text
+
+
+# --- plain text, markdown, reStructuredText -------------------------------------------------
+
+
+def _load_txt(data: bytes, path: Path) -> LoadedDocument:
+    text = decode_text(data)
+    return LoadedDocument(
+        title=_first_line_title(text) or path.stem,
+        sections=[Section(text)],
+        file_type="txt",
+        metadata={},
+    )
+
+
+_MD_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
+_MD_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+_MD_SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
+_MD_FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)\n(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.S)
+
+
+def _md_inline(text: str) -> str:
+    """Heading text without emphasis/code markers and with links reduced to their label."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)
+    return re.sub(r"[*_`]+", "", text).strip()
+
+
+def _load_md(data: bytes, path: Path) -> LoadedDocument:
+    text = decode_text(data).replace("\r\n", "\n").replace("\r", "\n")
+    front_title = None
+    if m := _MD_FRONT_MATTER.match(text):  # YAML front matter: metadata, not content
+        if t := re.search(r"^title:[ \t]*(.+?)[ \t]*$", m.group(1), re.M):
+            front_title = t.group(1).strip("'\"") or None
+        text = text[m.end() :]
+
+    lines = text.split("\n")
+    sections: list[Section] = []
+    headings: list[str] = []
+    title = front_title
+    buf: list[str] = []
+    heading: str | None = None
+    in_fence: str | None = None
+
+    def flush() -> None:
+        sections.append(Section("\n".join(buf), heading=heading))
+
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        fence = _MD_FENCE.match(line)
+        if fence and (in_fence is None or fence.group(1) == in_fence):
+            in_fence = fence.group(1) if in_fence is None else None
+        elif in_fence is None:
+            level, found = 0, None
+            if m := _MD_ATX.match(line):
+                level, found = len(m.group(1)), _md_inline(m.group(2) or "")
+            elif (
+                i + 1 < len(lines)
+                and line.strip()
+                and (s := _MD_SETEXT.match(lines[i + 1]))
+                and not _MD_SETEXT.match(line)
+            ):
+                # "Title\n=====" is a level-1 heading, "Title\n-----" level 2; keep one line.
+                level, found = (1 if s.group(1)[0] == "=" else 2), _md_inline(line)
+                i += 1
+            if found:
+                flush()
+                buf, heading = [], found
+                headings.append(found)
+                if title is None and level == 1:
+                    title = found
+                line = "#" * level + " " + found
+        buf.append(line)
+        i += 1
+    flush()
+    return LoadedDocument(
+        title=title or _first_line_title(text) or path.stem,
+        sections=sections,
+        file_type="md",
+        metadata={"headings": headings},
+    )
+
+
+# An adornment line: one punctuation character repeated (at least 3 times, tolerating the
+# mismatched lengths that double-width CJK titles produce).
+_RST_ADORN = re.compile(r"^([=\-`:'\"~^_*+#<>])\1{2,}\s*$")
+
+
+_RST_DIRECTIVE = re.compile(r"^\.\.(?:\s+([\w-]+)::|\s|$)(.*)$")
+_RST_ADMONITIONS = {
+    "note", "tip", "hint", "important", "warning", "caution", "attention", "danger", "error",
+}  # fmt: skip
+
+
+def _load_rst(data: bytes, path: Path) -> LoadedDocument:
+    lines = decode_text(data).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    sections: list[Section] = []
+    headings: list[str] = []
+    title: str | None = None
+    buf: list[str] = []
+    heading: str | None = None
+
+    def is_adorn(idx: int) -> bool:
+        return 0 <= idx < len(lines) and bool(_RST_ADORN.match(lines[idx]))
+
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        text_line = line.strip()
+        # Title shapes: "===\nTitle\n===" (overline + underline) or "Title\n===" (underline).
+        overlined = is_adorn(i) and i + 2 < len(lines) and lines[i + 1].strip() and is_adorn(i + 2)
+        underlined = (
+            text_line and not is_adorn(i) and not line[:1].isspace() and is_adorn(i + 1)
+        )
+        if overlined or underlined:
+            found = lines[i + 1].strip() if overlined else text_line
+            sections.append(Section("\n".join(buf), heading=heading))
+            buf, heading = [found], found
+            headings.append(found)
+            title = title or found
+            i += 3 if overlined else 2
+            continue
+        if is_adorn(i):  # a transition (horizontal rule): markup, not text
+            i += 1
+            continue
+        if directive := _RST_DIRECTIVE.match(line):
+            # ".. note:: text" reads as "Note: text"; other directive lines (image, code-block,
+            # link targets, comments) are markup, but an indented body below them is kept.
+            name, rest = directive.group(1), directive.group(2).strip()
+            if name and name.lower() in _RST_ADMONITIONS:
+                buf.append(f"{name.capitalize()}: {rest}".rstrip())
+            i += 1
+            continue
+        buf.append(line)
+        i += 1
+    sections.append(Section("\n".join(buf), heading=heading))
+    return LoadedDocument(
+        title=title or _first_line_title("\n".join(lines)) or path.stem,
+        sections=sections,
+        file_type="rst",
+        metadata={"headings": headings},
+    )
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+_HTML_DROP_TAGS = [
+    "script", "style", "noscript", "template", "svg", "head", "iframe", "object", "canvas",
+    "button", "nav",
+]  # fmt: skip
+_HTML_CHROME_ROLES = {"navigation", "banner", "contentinfo", "search"}
+# Sphinx/Read the Docs page furniture; "headerlink" is the pilcrow anchor after each heading.
+_HTML_CHROME_CLASSES = {"sphinxsidebar", "related", "footer", "headerlink", "skip-link", "rst-footer-buttons"}  # fmt: skip
+_HTML_BLOCKS = {
+    "address", "article", "aside", "blockquote", "caption", "details", "div", "dl", "fieldset",
+    "figcaption", "figure", "footer", "form", "header", "hr", "main", "ol",
+    "p", "pre", "section", "summary", "table", "ul",
+}  # fmt: skip
+_HTML_HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
+
+
+def _load_html(data: bytes, path: Path) -> LoadedDocument:
+    from bs4 import BeautifulSoup, Tag
+    from bs4.element import NavigableString, PreformattedString
+
+    # Bytes, not str: BeautifulSoup honours <meta charset> (e.g. gb2312 pages) and BOMs.
+    try:
+        soup = BeautifulSoup(data, "lxml")
+    except Exception as exc:  # lxml rarely fails, but a loader must never leak a traceback
+        raise LoaderError(f"unreadable HTML: {_short(exc)}") from None
+
+    title = None
+    if soup.title and soup.title.get_text(strip=True):
+        title = soup.title.get_text(" ", strip=True)
+
+    for tag in soup.find_all(_HTML_DROP_TAGS):
+        tag.decompose()
+    for tag in soup.find_all(True):
+        if tag.decomposed:  # already removed along with an ancestor
+            continue
+        classes = set(tag.get("class") or ())
+        if (
+            tag.get("role") in _HTML_CHROME_ROLES
+            or classes & _HTML_CHROME_CLASSES
+            or tag.has_attr("hidden")
+            or tag.get("aria-hidden") == "true"
+            or re.search(r"display\s*:\s*none", tag.get("style") or "")
+            # Page-level header/footer is site chrome; inside an article it holds real content.
+            or (tag.name in ("header", "footer") and not tag.find_parent(["article", "main", "section"]))  # fmt: skip
+            or (tag.name == "a" and tag.get_text(strip=True) == "¶")
+        ):
+            tag.decompose()
+
+    sections: list[Section] = []
+    headings: list[str] = []
+    buf: list[str] = []
+    state: dict[str, str | None] = {"heading": None}
+
+    def flush() -> None:
+        sections.append(Section("".join(buf), heading=state["heading"]))
+        buf.clear()
+
+    def walk(node: Tag, out: list[str], pre: bool = False) -> None:
+        for child in node.children:
+            if isinstance(child, PreformattedString):  # comments, CDATA, doctype, <?pi?>
+                continue
+            if isinstance(child, NavigableString):
+                # Source newlines inside a paragraph are just spaces; <pre> keeps its lines.
+                out.append(str(child) if pre else re.sub(r"\s+", " ", str(child)))
+                continue
+            if not isinstance(child, Tag):
+                continue
+            name = child.name
+            if name in _HTML_HEADINGS and out is buf:
+                text = inline_text(child)
+                if text:
+                    flush()
+                    state["heading"] = text
+                    headings.append(text)
+                    buf.append(text + "\n\n")
+                continue
+            if name == "br":
+                out.append("\n")
+            elif name == "tr":
+                cells = [inline_text(c) for c in child.find_all(["td", "th"], recursive=False)]
+                out.append("\n" + " | ".join(c for c in cells if c))
+            elif name in ("li", "dt", "dd"):
+                # Items start a new line; the enclosing list/table adds the paragraph break
+                # after the last one, so items stay on consecutive lines.
+                out.append("\n")
+                walk(child, out, pre)
+            elif name in _HTML_BLOCKS or name in _HTML_HEADINGS:
+                out.append("\n\n")
+                walk(child, out, pre or name == "pre")
+                out.append("\n\n")
+            else:
+                walk(child, out, pre)
+
+    def inline_text(tag: Tag) -> str:
+        """A heading's or table cell's text on one line, rendered like body text."""
+        tmp: list[str] = []
+        walk(tag, tmp)
+        return _HSPACE.sub(" ", "".join(tmp).replace("\n", " ")).strip()
+
+    try:
+        walk(soup.body or soup, buf)
+    except RecursionError:  # pathological nesting (thousands of levels): not a real document
+        raise LoaderError("unreadable HTML: elements nested too deeply") from None
+    flush()
+    if title is None:  # no <title>: the first heading, preferring an <h1>
+        h1 = soup.find("h1")
+        title = (inline_text(h1) if h1 else None) or (headings[0] if headings else path.stem)
+    return LoadedDocument(
+        title=title, sections=sections, file_type="html", metadata={"headings": headings}
+    )
+
+
+# --- PDF -------------------------------------------------------------------------------------
+
+_pypdf_quiet_lock = threading.Lock()
+_pypdf_quiet_depth = 0
+_pypdf_saved_level = logging.NOTSET
+
+
+@contextmanager
+def _quiet_pypdf() -> Iterator[None]:
+    """Silence pypdf's per-object warnings ("Ignoring wrong pointing object ...") for one load.
+
+    pypdf reports the robustness fixes it applies to broken files through loggers under
+    ``pypdf``; a large ingest of real-world PDFs would otherwise flood the console. The level is
+    reference-counted so concurrent loads in threads restore the original level correctly.
+    """
+    global _pypdf_quiet_depth, _pypdf_saved_level
+    logger = logging.getLogger("pypdf")
+    with _pypdf_quiet_lock:
+        if _pypdf_quiet_depth == 0:
+            _pypdf_saved_level = logger.level
+            logger.setLevel(logging.ERROR + 10)  # pypdf also logs recoverable issues as ERROR
+        _pypdf_quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _pypdf_quiet_lock:
+            _pypdf_quiet_depth -= 1
+            if _pypdf_quiet_depth == 0:
+                logger.setLevel(_pypdf_saved_level)
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
+
+
+def _load_pdf(data: bytes, path: Path) -> LoadedDocument:
+    from pypdf import PdfReader
+    from pypdf.errors import DependencyError
+
+    with _quiet_pypdf():
+        try:
+            reader = PdfReader(io.BytesIO(data))
+            if reader.is_encrypted:
+                # Many PDFs are "encrypted" only to set permissions, with an empty user password.
+                try:
+                    ok = reader.decrypt("")
+                except DependencyError:
+                    raise LoaderError(
+                        "encrypted PDF: decrypting it needs the 'cryptography' package"
+                    ) from None
+                if not ok:
+                    raise LoaderError("corrupt PDF: encrypted and needs a password")
+            n_pages = len(reader.pages)
+            info_title = None
+            try:
+                info_title = (reader.metadata or {}).get("/Title")
+            except Exception:  # a broken Info dictionary should not cost us the text
+                info_title = None
+        except LoaderError:
+            raise
+        except Exception as exc:  # pypdf raises many types (PdfReadError, KeyError, ...)
+            raise LoaderError(f"corrupt PDF: {_short(exc)}") from None
+
+        sections: list[Section] = []
+        failed: list[int] = []
+        for number in range(1, n_pages + 1):
+            try:
+                text = reader.pages[number - 1].extract_text() or ""
+            except Exception:  # one damaged page content stream: keep the other pages
+                failed.append(number)
+                continue
+            sections.append(Section(text, page=number))
+
+    if not any(s.text.strip() for s in sections):
+        if failed and len(failed) == n_pages:
+            raise LoaderError("corrupt PDF: no page could be read")
+        raise LoaderError("no extractable text (scanned PDF?)")
+
+    title = str(info_title).strip() if info_title else ""
+    title = re.sub(r"^Microsoft (Word|PowerPoint) - ", "", title)  # Office's print-driver prefix
+    if not title:
+        title = next((t for s in sections if (t := _first_line_title(s.text))), None) or path.stem
+    metadata: dict[str, object] = {"pages": n_pages}
+    if failed:
+        metadata["unreadable_pages"] = failed
+    return LoadedDocument(title=title, sections=sections, file_type="pdf", metadata=metadata)
+
+
+# --- DOCX ------------------------------------------------------------------------------------
+
+# Built-in heading styles are stored as "heading N" whatever the UI language; python-docx shows
+# them as "Heading N". Custom Chinese templates sometimes name them "标题 N".
+_DOCX_HEADING = re.compile(r"^(heading|标题)\s*\d", re.I)
+_DOCX_TITLE_STYLES = {"title", "标题"}
+
+
+def _load_docx(data: bytes, path: Path) -> LoadedDocument:
+    import docx
+    from docx.table import Table
+    from docx.text.paragraph import Paragraph
+
+    try:
+        document = docx.Document(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise LoaderError("corrupt DOCX: not a valid zip archive") from None
+    except Exception as exc:  # missing parts, wrong content type, malformed XML, ...
+        raise LoaderError(f"corrupt DOCX: {_short(exc)}") from None
+
+    sections: list[Section] = []
+    headings: list[str] = []
+    buf: list[str] = []
+    heading: str | None = None
+    first_title: str | None = None
+    first_h1: str | None = None
+
+    try:
+        for block in document.iter_inner_content():
+            if isinstance(block, Table):
+                buf.append(_docx_table_text(block))
+                continue
+            assert isinstance(block, Paragraph)
+            text = block.text.strip()
+            if not text:
+                continue
+            style = (block.style.name if block.style is not None else "") or ""
+            is_title = style.strip().lower() in _DOCX_TITLE_STYLES
+            if is_title or _DOCX_HEADING.match(style):
+                sections.append(Section("\n\n".join(buf), heading=heading))
+                buf, heading = [], text
+                headings.append(text)
+                if is_title:
+                    first_title = first_title or text
+                elif re.sub(r"\s+", "", style.lower()) in ("heading1", "标题1"):
+                    first_h1 = first_h1 or text
+            buf.append(text)
+        sections.append(Section("\n\n".join(buf), heading=heading))
+        core_title = (document.core_properties.title or "").strip()
+    except Exception as exc:
+        raise LoaderError(f"corrupt DOCX: {_short(exc)}") from None
+
+    all_text = "\n".join(s.text for s in sections)
+    title = core_title or first_title or first_h1 or _first_line_title(all_text) or path.stem
+    return LoadedDocument(
+        title=title, sections=sections, file_type="docx", metadata={"headings": headings}
+    )
+
+
+def _docx_table_text(table: object) -> str:
+    rows = []
+    for row in table.rows:  # type: ignore[attr-defined]
+        cells, seen = [], set()
+        for cell in row.cells:
+            # A merged cell is returned once per grid column it spans; print it once.
+            if id(cell._tc) in seen:
+                continue
+            seen.add(id(cell._tc))
+            cells.append(" ".join(cell.text.split()))
+        if any(cells):
+            rows.append(" | ".join(cells))
+    return "\n".join(rows)
+
+
+# --- CSV -------------------------------------------------------------------------------------
+
+
+def _load_csv(data: bytes, path: Path) -> LoadedDocument:
+    text = decode_text(data)
+    sample = text[:64 * 1024]
+    try:
+        dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
+    except csv.Error:  # a single column or too little text to tell: plain comma CSV
+        dialect = csv.excel
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), dialect))
+    except csv.Error as exc:
+        raise LoaderError(f"malformed CSV: {_short(exc)}") from None
+
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        return LoadedDocument(path.stem, [], "csv", {"columns": [], "rows": 0})
+    header = [h.strip() or f"column {i + 1}" for i, h in enumerate(rows[0])]
+    lines = []
+    for row in rows[1:]:
+        parts = []
+        for i, value in enumerate(row):
+            value = " ".join(value.split())
+            if value:
+                name = header[i] if i < len(header) else f"column {i + 1}"
+                parts.append(f"{name}: {value}")
+        lines.append("; ".join(parts))
+    # Whole rows per section, so a chunk boundary never cuts a record in half.
+    sections = [
+        Section("\n".join(lines[i : i + CSV_ROWS_PER_SECTION]))
+        for i in range(0, len(lines), CSV_ROWS_PER_SECTION)
+    ]
+    return LoadedDocument(
+        title=path.stem,
+        sections=sections,
+        file_type="csv",
+        metadata={"columns": header, "rows": len(lines)},
+    )
+
+
+_LOADERS: dict[str, Callable[[bytes, Path], LoadedDocument]] = {
+    "txt": _load_txt,
+    "md": _load_md,
+    "rst": _load_rst,
+    "html": _load_html,
+    "pdf": _load_pdf,
+    "docx": _load_docx,
+    "csv": _load_csv,
+}

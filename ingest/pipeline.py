@@ -1,0 +1,279 @@
+"""Incremental ingestion: folder -> loaders -> chunker -> embedder -> knowledge-base store.
+
+Per run over one root folder:
+- every supported file is hashed (sha256); a file whose hash and groups match the stored document
+  costs nothing more; a changed groups-only file is regrouped without re-embedding;
+- new and changed files are processed in batches of ``batch_files``: parsed, chunked, embedded, then
+  committed in one transaction per batch (old chunks of changed files are replaced);
+- documents of this root whose file disappeared are deleted (deletion sync) unless disabled;
+- a corrupt file is reported with its reason and skipped; its previously ingested version is kept.
+Memory is bounded by one batch of files and their chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ingest.acl import ACL_FILE, AclResolver
+from ingest.chunking import Chunker
+from ingest.loaders import LoaderError, file_type_for, load_document
+from retrieval.embedder import Embedder
+from retrieval.store import ChunkInput, DocumentInput, KnowledgeBaseStore, KnowledgeBaseWriter, StoredDocument
+from retrieval.tables import encode_groups
+
+
+class IngestError(Exception):
+    """The run cannot start (missing folder, bad ACL file, ...)."""
+
+
+@dataclass
+class FileFailure:
+    source: str
+    reason: str
+
+
+@dataclass
+class IngestReport:
+    kb: str
+    root: str
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    failed: int = 0
+    skipped: int = 0  # unsupported file types
+    chunks: int = 0  # chunks embedded and stored by this run
+    total_chunks: int = 0  # chunks in the knowledge base afterwards
+    seconds: float = 0.0
+    failures: list[FileFailure] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["seconds"] = round(self.seconds, 3)
+        return data
+
+
+class Progress(Protocol):
+    def start(self, total_files: int) -> None: ...
+    def advance(self, files: int = 0, chunks: int = 0) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total_files: int) -> None:
+        pass
+
+    def advance(self, files: int = 0, chunks: int = 0) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class _Pending:
+    path: Path
+    source: str
+    content_hash: str
+    size: int
+    groups: list[str]
+    existing: StoredDocument | None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    """Files under root in a stable order; hidden files and folders (.git, ...) are ignored."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
+class IngestPipeline:
+    def __init__(
+        self,
+        store: KnowledgeBaseStore,
+        embedder: Embedder,
+        chunker: Chunker,
+        *,
+        default_groups: list[str],
+        batch_files: int = 32,
+        checkpoint_seconds: float = 60.0,
+        max_file_bytes: int = 100 * 1024 * 1024,
+    ):
+        self.store = store
+        self.embedder = embedder
+        self.chunker = chunker
+        self.default_groups = default_groups
+        self.batch_files = batch_files
+        self.checkpoint_seconds = checkpoint_seconds
+        self.max_file_bytes = max_file_bytes
+
+    def run(
+        self,
+        path: Path,
+        kb: str,
+        groups: list[str] | None = None,
+        *,
+        delete_missing: bool = True,
+        progress: Progress | None = None,
+    ) -> IngestReport:
+        started = time.perf_counter()
+        progress = progress or NoProgress()
+        path = Path(path).expanduser().resolve()
+        if not path.exists():
+            raise IngestError(f"no such file or folder: {path}")
+        # A single file is ingested relative to its folder, and never triggers deletion sync.
+        root, files = (path.parent, [path]) if path.is_file() else (path, list(walk_files(path)))
+        delete_missing = delete_missing and path.is_dir()
+        acl = AclResolver(root, groups, self.default_groups)
+        report = IngestReport(kb=kb, root=str(root))
+        self.store.ensure_kb(kb)
+        run_id = self.store.start_run(kb, str(root))
+        try:
+            self._run(files, root, kb, acl, report, delete_missing, progress)
+        except BaseException:
+            self.store.finish_run(run_id, "failed", report.as_dict())
+            raise
+        finally:
+            progress.finish()
+        report.seconds = time.perf_counter() - started
+        self.store.finish_run(run_id, "finished", report.as_dict())
+        return report
+
+    def _run(
+        self, files: list[Path], root: Path, kb: str, acl: AclResolver, report: IngestReport,
+        delete_missing: bool, progress: Progress,
+    ) -> None:
+        with self.store.writer(kb, self.checkpoint_seconds) as writer:
+            existing = {d.source: d for d in self.store.documents(kb, root=str(root))}
+            seen: set[str] = set()
+            progress.start(len(files))
+            batch: list[_Pending] = []
+            regroups: list[tuple[int, list[str]]] = []
+            for file in files:
+                source = file.relative_to(root).as_posix()
+                if file.name == ACL_FILE or file_type_for(file) is None:
+                    report.skipped += file.name != ACL_FILE
+                    progress.advance(files=1)
+                    continue
+                seen.add(source)
+                pending = self._inspect(file, source, acl, existing.get(source), report)
+                if pending is None:
+                    progress.advance(files=1)
+                    continue
+                previous = pending.existing
+                if previous is not None and previous.content_hash == pending.content_hash:
+                    if previous.groups != encode_groups(pending.groups):
+                        regroups.append((previous.id, pending.groups))
+                        report.updated += 1
+                    else:
+                        report.unchanged += 1
+                    progress.advance(files=1)
+                    continue
+                batch.append(pending)
+                if len(batch) >= self.batch_files:
+                    self._process(batch, writer, report, progress)
+                    batch = []
+            self._process(batch, writer, report, progress)
+            writer.regroup(regroups)
+            if delete_missing:
+                gone = [doc for source, doc in existing.items() if source not in seen]
+                writer.delete_documents([doc.id for doc in gone])
+                report.deleted = len(gone)
+            report.total_chunks = len(writer.index)
+
+    def _inspect(
+        self, file: Path, source: str, acl: AclResolver, existing: StoredDocument | None, report: IngestReport
+    ) -> _Pending | None:
+        try:
+            size = file.stat().st_size
+            if size > self.max_file_bytes:
+                raise LoaderError(f"file too large ({size / 2**20:.1f} MiB > {self.max_file_bytes / 2**20:.0f} MiB)")
+            return _Pending(file, source, sha256_file(file), size, acl.groups_for(file), existing)
+        except (OSError, LoaderError) as exc:
+            self._fail(report, source, exc)
+            return None
+
+    def _process(
+        self, batch: list[_Pending], writer: KnowledgeBaseWriter, report: IngestReport, progress: Progress
+    ) -> None:
+        if not batch:
+            return
+        parsed: list[tuple[_Pending, DocumentInput, list[ChunkInput]]] = []
+        for item in batch:
+            try:
+                document = load_document(item.path)
+                chunks = self.chunker.split(document)
+                if not chunks:
+                    raise LoaderError("no text to index")
+            except (OSError, LoaderError) as exc:
+                self._fail(report, item.source, exc)
+                progress.advance(files=1)
+                continue
+            except Exception as exc:  # a parser bug on one odd file must not stop the run
+                self._fail(report, item.source, exc, unexpected=True)
+                progress.advance(files=1)
+                continue
+            doc = DocumentInput(
+                root=str(report.root), source=item.source, file_type=document.file_type,
+                title=document.title or item.path.stem, content_hash=item.content_hash, size=item.size,
+                groups=item.groups,
+            )
+            parsed.append((item, doc, [ChunkInput(c.ordinal, c.text, c.page, c.heading) for c in chunks]))
+        if not parsed:
+            return
+        texts = [chunk.text for _, _, chunks in parsed for chunk in chunks]
+        vectors = self.embedder.embed_passages(texts)
+        items, offset = [], 0
+        for _, doc, chunks in parsed:
+            items.append((doc, chunks, vectors[offset : offset + len(chunks)]))
+            offset += len(chunks)
+        report.chunks += writer.replace_documents(items)
+        for item, _, chunks in parsed:
+            if item.existing is None:
+                report.added += 1
+            else:
+                report.updated += 1
+            progress.advance(files=1, chunks=len(chunks))
+
+    @staticmethod
+    def _fail(report: IngestReport, source: str, exc: BaseException, unexpected: bool = False) -> None:
+        reason = f"{type(exc).__name__}: {exc}" if unexpected or isinstance(exc, OSError) else str(exc)
+        report.failed += 1
+        report.failures.append(FileFailure(source, reason))
+
+    # Removal --------------------------------------------------------------------------------
+    def remove(self, kb: str, target: str) -> list[StoredDocument]:
+        """Remove documents by id, by absolute/relative file path, or by a folder prefix."""
+        documents = self.store.documents(kb)
+        if target.isdigit():
+            chosen = [d for d in documents if d.id == int(target)]
+        else:
+            wanted = Path(target).expanduser()
+            absolute = wanted.resolve() if wanted.exists() or wanted.is_absolute() else None
+            chosen = []
+            for d in documents:
+                full = Path(d.root) / d.source
+                if absolute is not None and (full == absolute or absolute in full.parents):
+                    chosen.append(d)
+                elif absolute is None and (d.source == target or d.source.startswith(target.rstrip("/") + "/")):
+                    chosen.append(d)
+        if chosen:
+            with self.store.writer(kb, self.checkpoint_seconds) as writer:
+                writer.delete_documents([d.id for d in chosen])
+        return chosen

@@ -1,0 +1,216 @@
+"""Incremental ingestion against real SQLite and PostgreSQL, the real embedder and real FAISS files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlmodel import Session, select
+
+from app.db import make_engine
+from ingest.chunking import Chunker
+from ingest.pipeline import IngestPipeline
+from retrieval.embedder import Embedder
+from retrieval.search import DenseSearcher
+from retrieval.store import KnowledgeBaseError, KnowledgeBaseStore
+from retrieval.tables import ChunkRow, DocumentRow
+from tests.conftest import SAMPLES
+
+
+class CountingEmbedder(Embedder):
+    """The real embedder, counting how many passages it was asked to embed.
+
+    Vectors are memoised across tests (same model, same text, same vector) so that the many full
+    ingests of the sample corpus do not each pay for the model again.
+    """
+
+    _memo: dict[str, np.ndarray] = {}
+
+    def __init__(self, inner: Embedder):
+        super().__init__(inner.model_path, name=inner.name)
+        self._model = inner.model
+        self.passages = 0
+
+    def embed_passages(self, texts: list[str]) -> np.ndarray:
+        self.passages += len(texts)
+        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        for text, vector in zip(todo, super().embed_passages(todo)):
+            self._memo[text] = vector
+        return np.stack([self._memo[t] for t in texts]) if texts else super().embed_passages([])
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    target = tmp_path / "docs"
+    shutil.copytree(SAMPLES, target)
+    return target
+
+
+@pytest.fixture
+def counting(embedder: Embedder) -> CountingEmbedder:
+    return CountingEmbedder(embedder)
+
+
+@pytest.fixture
+def store(database_url: str, tmp_path: Path, counting: CountingEmbedder) -> KnowledgeBaseStore:
+    return KnowledgeBaseStore(make_engine(database_url), tmp_path / "indexes", counting.name, counting.dimension)
+
+
+@pytest.fixture
+def pipeline(store: KnowledgeBaseStore, counting: CountingEmbedder) -> IngestPipeline:
+    return IngestPipeline(store, counting, Chunker(400, 80), default_groups=["everyone"], batch_files=3)
+
+
+def assert_consistent(store: KnowledgeBaseStore, kb: str) -> None:
+    """Published index == chunk rows; no duplicate chunks; document chunk counts agree."""
+    db_ids = store.chunk_ids(kb)
+    index, manifest = store.directory(kb).load(store.dimension)
+    assert manifest is not None
+    assert np.array_equal(np.sort(index.ids()), db_ids)
+    with Session(store.engine) as session:
+        pairs = session.exec(select(ChunkRow.document_id, ChunkRow.ordinal).where(ChunkRow.kb == kb)).all()
+        assert len(pairs) == len(set(pairs))
+        for doc in session.exec(select(DocumentRow).where(DocumentRow.kb == kb)):
+            ordinals = sorted(o for d, o in pairs if d == doc.id)
+            assert ordinals == list(range(doc.chunk_count)), doc.source
+
+
+def test_full_then_unchanged_run(pipeline: IngestPipeline, store: KnowledgeBaseStore, counting: CountingEmbedder, corpus: Path):
+    first = pipeline.run(corpus, "kb1")
+    files = [p for p in corpus.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert first.failed == 0, first.failures
+    assert first.added == len(files) and first.chunks == counting.passages > len(files)
+    assert first.total_chunks == first.chunks
+    assert_consistent(store, "kb1")
+
+    embedded = counting.passages
+    second = pipeline.run(corpus, "kb1")
+    assert (second.added, second.updated, second.deleted, second.chunks) == (0, 0, 0, 0)
+    assert second.unchanged == len(files)
+    assert counting.passages == embedded  # nothing re-embedded
+
+
+def test_acl_file_and_cli_groups(pipeline: IngestPipeline, store: KnowledgeBaseStore, corpus: Path):
+    pipeline.run(corpus, "kb1", groups=["staff"])
+    docs = {d.source: json.loads(d.groups) for d in store.documents("kb1")}
+    for source, groups in docs.items():
+        if source.startswith("hr/"):
+            assert groups == ["hr", "managers"]
+        elif source.startswith("finance/"):
+            assert groups == ["finance", "managers"]
+        else:
+            assert groups == ["staff"]
+    with Session(store.engine) as session:  # the groups travel with every chunk
+        for chunk in session.exec(select(ChunkRow).where(ChunkRow.kb == "kb1")):
+            doc = session.get(DocumentRow, chunk.document_id)
+            assert chunk.groups == doc.groups
+
+
+def test_changed_deleted_and_regrouped_files(
+    pipeline: IngestPipeline, store: KnowledgeBaseStore, counting: CountingEmbedder, corpus: Path
+):
+    pipeline.run(corpus, "kb1")
+    before = {d.source: d for d in store.documents("kb1")}
+    old_ids = set(store.chunk_ids("kb1").tolist())
+
+    (corpus / "leave-policy.md").write_text("# Leave\n\nEmployees now get 40 days of annual leave.\n")
+    (corpus / "holiday-calendar-2026.md").unlink()
+    (corpus / ".enclave-acl.yaml").write_text(
+        'rules:\n  - pattern: "hr/**"\n    groups: [hr]\n  - pattern: "finance/**"\n    groups: [finance, managers]\n'
+    )
+    hr_docs = [s for s in before if s.startswith("hr/")]
+    embedded = counting.passages
+
+    report = pipeline.run(corpus, "kb1")
+    assert report.deleted == 1 and report.failed == 0
+    assert report.updated == 1 + len(hr_docs)
+    assert counting.passages - embedded == report.chunks == 1  # only the changed file was embedded
+    after = {d.source: d for d in store.documents("kb1")}
+    assert "holiday-calendar-2026.md" not in after
+    assert after["leave-policy.md"].id == before["leave-policy.md"].id  # document ids are stable
+    for source in hr_docs:
+        assert json.loads(after[source].groups) == ["hr"]
+    new_ids = set(store.chunk_ids("kb1").tolist())
+    assert not (new_ids - old_ids) & set(range(min(old_ids)))  # ids only grow, never reused
+    removed = old_ids - new_ids
+    assert len(removed) == before["leave-policy.md"].chunk_count + before["holiday-calendar-2026.md"].chunk_count
+    assert_consistent(store, "kb1")
+
+    hits = DenseSearcher(store, counting).search("how many days of annual leave", "kb1", groups=["everyone"], top_k=1)
+    assert hits[0].source == "leave-policy.md" and "40 days" in hits[0].text
+
+
+def test_no_delete_keeps_missing_files(pipeline: IngestPipeline, store: KnowledgeBaseStore, corpus: Path):
+    pipeline.run(corpus, "kb1")
+    (corpus / "leave-policy.md").unlink()
+    report = pipeline.run(corpus, "kb1", delete_missing=False)
+    assert report.deleted == 0
+    assert "leave-policy.md" in {d.source for d in store.documents("kb1")}
+
+
+def test_corrupt_files_are_reported_and_skipped(pipeline: IngestPipeline, store: KnowledgeBaseStore, corpus: Path):
+    (corpus / "broken.pdf").write_bytes(b"%PDF-1.7\nthis is not really a pdf\n")
+    (corpus / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n")
+    report = pipeline.run(corpus, "kb1")
+    failed = {f.source: f.reason for f in report.failures}
+    assert set(failed) == {"broken.pdf", "binary.txt"}
+    assert all(reason.strip() for reason in failed.values())
+    assert report.skipped == 1
+    assert report.added > 5
+    assert {"broken.pdf", "binary.txt"}.isdisjoint(d.source for d in store.documents("kb1"))
+
+    # A document that becomes unreadable keeps its previously ingested version.
+    before = {d.source: d.chunk_count for d in store.documents("kb1")}
+    (corpus / "leave-policy.md").write_bytes(b"\x00\x01\x02" * 100)
+    report = pipeline.run(corpus, "kb1")
+    assert [f.source for f in report.failures] == ["binary.txt", "broken.pdf", "leave-policy.md"]
+    assert {d.source: d.chunk_count for d in store.documents("kb1")}["leave-policy.md"] == before["leave-policy.md"]
+    assert_consistent(store, "kb1")
+
+
+def test_remove_by_path_and_id(pipeline: IngestPipeline, store: KnowledgeBaseStore, corpus: Path):
+    pipeline.run(corpus, "kb1")
+    docs = {d.source: d for d in store.documents("kb1")}
+    removed = pipeline.remove("kb1", str(corpus / "hr"))
+    assert {d.source for d in removed} == {s for s in docs if s.startswith("hr/")}
+    removed = pipeline.remove("kb1", str(docs["leave-policy.md"].id))
+    assert [d.source for d in removed] == ["leave-policy.md"]
+    assert pipeline.remove("kb1", "no/such/file.md") == []
+    remaining = {d.source for d in store.documents("kb1")}
+    assert "leave-policy.md" not in remaining and not any(s.startswith("hr/") for s in remaining)
+    assert_consistent(store, "kb1")
+
+
+def test_stale_index_is_reconciled_from_rows(pipeline: IngestPipeline, store: KnowledgeBaseStore, corpus: Path):
+    """An index published before the last committed batch (a crash in between) is repaired on load."""
+    pipeline.run(corpus, "kb1")
+    directory = store.directory("kb1")
+    stale_manifest = (directory.path / "manifest.json").read_bytes()
+    stale_name = json.loads(stale_manifest)["vectors"]
+    stale_vectors = (directory.path / stale_name).read_bytes()
+
+    (corpus / "leave-policy.md").write_text("# Leave\n\nThirty days of leave for everyone.\n")
+    (corpus / "company-overview.md").unlink()
+    pipeline.run(corpus, "kb1")
+    # Put the old index back, as if the process had died right after its database commit.
+    (directory.path / stale_name).write_bytes(stale_vectors)
+    (directory.path / "manifest.json").write_bytes(stale_manifest)
+
+    index = store.load_index("kb1")
+    assert np.array_equal(np.sort(index.ids()), store.chunk_ids("kb1"))
+    with store.writer("kb1"):
+        pass  # a writer publishes the reconciled index
+    assert_consistent(store, "kb1")
+
+
+def test_embedder_mismatch_is_refused(store: KnowledgeBaseStore, pipeline: IngestPipeline, corpus: Path):
+    pipeline.run(corpus / "it", "kb1")
+    other = KnowledgeBaseStore(store.engine, store.index_root, "bge-m3", 1024)
+    with pytest.raises(KnowledgeBaseError, match="was built with embedder"):
+        other.ensure_kb("kb1")
+    with pytest.raises(KnowledgeBaseError, match="invalid knowledge base name"):
+        store.ensure_kb("../etc")
