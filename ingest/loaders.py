@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -78,6 +79,7 @@ def file_type_for(path: Path) -> str | None:
 
 
 def load_document(path: Path) -> LoadedDocument:
+    """Load one file. Raises UnsupportedFileType (by suffix) or LoaderError (unreadable)."""
     path = Path(path)
     file_type = file_type_for(path)
     if file_type is None:
@@ -87,6 +89,7 @@ def load_document(path: Path) -> LoadedDocument:
     except OSError as exc:
         raise LoaderError(f"cannot read file: {exc.strerror or exc}") from None
     doc = _LOADERS[file_type](data, path)
+    doc.title = " ".join(doc.title.split()) if doc.title else path.stem
     doc.sections = _merge_heading_only(
         [s for s in (_clean_section(s) for s in doc.sections) if s.text]
     )
@@ -142,6 +145,13 @@ def _is_heading_only(sec: Section) -> bool:
     return not any(ch.isalnum() for ch in rest)  # only markup such as "#" or "====" left
 
 
+def _table_row(cells: list[str]) -> str:
+    """Cells joined with " | "; inner empty cells keep their column, trailing ones are dropped."""
+    while cells and not cells[-1]:
+        cells = cells[:-1]
+    return " | ".join(cells)
+
+
 def _first_line_title(text: str) -> str | None:
     for line in text.splitlines():
         line = _HSPACE.sub(" ", line).strip()
@@ -175,12 +185,17 @@ def decode_text(data: bytes) -> str:
     raise LoaderError("not a text file (cannot decode as UTF-8 or GB18030)")
 
 
+_BINARY_HINTS = frozenset(chr(c) for c in range(32)) - set("\t\n\r\f")
+
+
 def _looks_binary(text: str) -> bool:
     sample = text[:20000]
     if not sample:
         return False
-    odd = sum(1 for ch in sample if (ch < " " and ch not in "\t\n\r\f") or "\ue000" <= ch <= "\uf8ff")
-    return odd / len(sample) > 0.02  # control or private-use characters: not human text
+    # Control characters and private-use code points (where GB18030 maps unassigned byte
+    # pairs) are rare in human text but common when binary data is decoded as text.
+    odd = sum(1 for ch in sample if ch in _BINARY_HINTS or "\ue000" <= ch <= "\uf8ff")
+    return odd / len(sample) > 0.02
 
 
 # --- plain text, markdown, reStructuredText -------------------------------------------------
@@ -333,7 +348,9 @@ _HTML_DROP_TAGS = [
 ]  # fmt: skip
 _HTML_CHROME_ROLES = {"navigation", "banner", "contentinfo", "search"}
 # Sphinx/Read the Docs page furniture; "headerlink" is the pilcrow anchor after each heading.
-_HTML_CHROME_CLASSES = {"sphinxsidebar", "related", "footer", "headerlink", "skip-link", "rst-footer-buttons"}  # fmt: skip
+_HTML_CHROME_CLASSES = {
+    "sphinxsidebar", "related", "footer", "headerlink", "skip-link", "rst-footer-buttons",
+}  # fmt: skip
 _HTML_BLOCKS = {
     "address", "article", "aside", "blockquote", "caption", "details", "div", "dl", "fieldset",
     "figcaption", "figure", "footer", "form", "header", "hr", "main", "ol",
@@ -362,14 +379,17 @@ def _load_html(data: bytes, path: Path) -> LoadedDocument:
         if tag.decomposed:  # already removed along with an ancestor
             continue
         classes = set(tag.get("class") or ())
+        # Page-level header/footer is site chrome; inside an article it holds real content.
+        page_chrome = tag.name in ("header", "footer") and not tag.find_parent(
+            ["article", "main", "section"]
+        )
         if (
             tag.get("role") in _HTML_CHROME_ROLES
             or classes & _HTML_CHROME_CLASSES
             or tag.has_attr("hidden")
             or tag.get("aria-hidden") == "true"
             or re.search(r"display\s*:\s*none", tag.get("style") or "")
-            # Page-level header/footer is site chrome; inside an article it holds real content.
-            or (tag.name in ("header", "footer") and not tag.find_parent(["article", "main", "section"]))  # fmt: skip
+            or page_chrome
             or (tag.name == "a" and tag.get_text(strip=True) == "¶")
         ):
             tag.decompose()
@@ -406,7 +426,7 @@ def _load_html(data: bytes, path: Path) -> LoadedDocument:
                 out.append("\n")
             elif name == "tr":
                 cells = [inline_text(c) for c in child.find_all(["td", "th"], recursive=False)]
-                out.append("\n" + " | ".join(c for c in cells if c))
+                out.append("\n" + _table_row(cells))
             elif name in ("li", "dt", "dd"):
                 # Items start a new line; the enclosing list/table adds the paragraph break
                 # after the last one, so items stay on consecutive lines.
@@ -474,6 +494,10 @@ def _short(exc: BaseException, limit: int = 120) -> str:
     return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 
 
+# Titles that PDF producers write when the author gave none (reportlab writes "untitled").
+_PDF_PLACEHOLDER_TITLES = {"untitled", "untitled document", "unknown", "anonymous", "none"}
+
+
 def _load_pdf(data: bytes, path: Path) -> LoadedDocument:
     from pypdf import PdfReader
     from pypdf.errors import DependencyError
@@ -518,7 +542,9 @@ def _load_pdf(data: bytes, path: Path) -> LoadedDocument:
         raise LoaderError("no extractable text (scanned PDF?)")
 
     title = str(info_title).strip() if info_title else ""
-    title = re.sub(r"^Microsoft (Word|PowerPoint) - ", "", title)  # Office's print-driver prefix
+    title = re.sub(r"^Microsoft (Word|PowerPoint|Excel) - ", "", title)  # print-driver prefix
+    if title.lower() in _PDF_PLACEHOLDER_TITLES:
+        title = ""
     if not title:
         title = next((t for s in sections if (t := _first_line_title(s.text))), None) or path.stem
     metadata: dict[str, object] = {"pages": n_pages}
@@ -537,7 +563,6 @@ _DOCX_TITLE_STYLES = {"title", "标题"}
 
 def _load_docx(data: bytes, path: Path) -> LoadedDocument:
     import docx
-    from docx.table import Table
     from docx.text.paragraph import Paragraph
 
     try:
@@ -556,10 +581,9 @@ def _load_docx(data: bytes, path: Path) -> LoadedDocument:
 
     try:
         for block in document.iter_inner_content():
-            if isinstance(block, Table):
+            if not isinstance(block, Paragraph):  # the only other kind is a Table
                 buf.append(_docx_table_text(block))
                 continue
-            assert isinstance(block, Paragraph)
             text = block.text.strip()
             if not text:
                 continue
@@ -586,18 +610,20 @@ def _load_docx(data: bytes, path: Path) -> LoadedDocument:
     )
 
 
-def _docx_table_text(table: object) -> str:
+def _docx_table_text(table: Any) -> str:
+    """A Word table as text: one line per row, cells joined with " | "."""
     rows = []
-    for row in table.rows:  # type: ignore[attr-defined]
-        cells, seen = [], set()
+    for row in table.rows:
+        cells: list[str] = []
+        seen: set[object] = set()  # lxml elements hash and compare by identity
         for cell in row.cells:
             # A merged cell is returned once per grid column it spans; print it once.
-            if id(cell._tc) in seen:
+            if cell._tc in seen:
                 continue
-            seen.add(id(cell._tc))
+            seen.add(cell._tc)
             cells.append(" ".join(cell.text.split()))
-        if any(cells):
-            rows.append(" | ".join(cells))
+        if row_text := _table_row(cells):
+            rows.append(row_text)
     return "\n".join(rows)
 
 

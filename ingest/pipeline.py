@@ -12,7 +12,6 @@ Memory is bounded by one batch of files and their chunks.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from ingest.loaders import LoaderError, file_type_for, load_document
 from retrieval.embedder import Embedder
 from retrieval.store import ChunkInput, DocumentInput, KnowledgeBaseStore, KnowledgeBaseWriter, StoredDocument
 from retrieval.tables import encode_groups
+from security.integrity import sha256_file
 
 
 class IngestError(Exception):
@@ -84,14 +84,6 @@ class _Pending:
     size: int
     groups: list[str]
     existing: StoredDocument | None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def walk_files(root: Path) -> Iterator[Path]:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
+from security.integrity import sha256_file
+
 MANIFEST_NAME = ".enclave-model.json"
 LOCK_NAME = ".enclave-pull.lock"
 _BLOCK = 1 << 20  # hash and copy in 1 MiB blocks
@@ -188,15 +190,6 @@ class ResolvedModel:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safe_relative(rel: str) -> PurePosixPath:

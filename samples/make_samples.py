@@ -63,7 +63,10 @@ def make_docx(path: Path) -> None:
         "multiplied by 0.82 and paid in euros. Shanghai bands are set separately in CNY."
     )
     table = document.add_table(rows=1, cols=6)
-    header = ("Level", "Title", "Portland min (USD)", "Portland max (USD)", "Shanghai band", "Bonus target")  # fmt: skip
+    header = (
+        "Level", "Title", "Portland min (USD)", "Portland max (USD)", "Shanghai band",
+        "Bonus target",
+    )  # fmt: skip
     for cell, text in zip(table.rows[0].cells, header):
         cell.text = text
     for band in BANDS:

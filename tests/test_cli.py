@@ -1,0 +1,78 @@
+"""The console scripts as users run them: real processes, real models, the bundled sample documents."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SAMPLES
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
+    data_dir = tmp_path_factory.mktemp("cli") / "var"
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data_dir), "ENCLAVE_MODELS_DIR": str(models_dir)}
+    env.pop("ENCLAVE_CONFIG", None)
+    env.pop("ENCLAVE_DATABASE_URL", None)
+
+    def run(program: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+        module = {"ingest": "app.cli.ingest_cli", "enclave": "app.cli.main"}[program]
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == expect, f"{program} {args}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    return run
+
+
+@pytest.mark.slow
+def test_ingest_search_list_remove(cli):
+    report = json.loads(cli("ingest", "run", str(SAMPLES), "--json").stdout)
+    files = [p for p in SAMPLES.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert report["added"] == len(files) and report["failed"] == 0 and report["chunks"] > len(files)
+    for key in ("added", "updated", "unchanged", "deleted", "failed", "chunks", "seconds"):
+        assert key in report
+
+    again = json.loads(cli("ingest", "run", str(SAMPLES), "--json").stdout)
+    assert again["unchanged"] == len(files) and again["chunks"] == 0
+
+    hits = json.loads(cli("enclave", "search", "How many days of annual leave do employees get?", "--json").stdout)["results"]
+    assert hits and hits[0]["source"] in {"leave-policy.md", "请假制度.md"}
+
+    # Access groups apply inside the search: HR files only for HR, the rest for everyone.
+    query = "salary compensation bands and performance review ratings"
+    everyone = json.loads(cli("enclave", "search", query, "--as-group", "everyone", "--top-k", "50", "--json").stdout)["results"]
+    assert everyone and not any(h["source"].startswith(("hr/", "finance/")) for h in everyone)
+    hr = json.loads(cli("enclave", "search", query, "--as-group", "hr", "--top-k", "50", "--json").stdout)["results"]
+    assert any(h["source"].startswith("hr/") for h in hr) and not any(h["source"].startswith("finance/") for h in hr)
+
+    docs = json.loads(cli("ingest", "list", "--json").stdout)
+    assert {d["source"] for d in docs} == {p.relative_to(SAMPLES).as_posix() for p in files}
+    hr_doc = next(d for d in docs if d["source"].startswith("hr/"))
+    assert hr_doc["groups"] == ["hr", "managers"]
+
+    removed = cli("ingest", "remove", str(hr_doc["id"])).stdout
+    assert hr_doc["source"] in removed
+    status = json.loads(cli("ingest", "status", "--json").stdout)
+    (kb,) = status["knowledge_bases"]
+    assert kb["documents"] == len(files) - 1 and kb["chunks"] == kb["index_vectors"]
+    assert status["runs"][0]["status"] == "finished"
+
+
+def test_clear_errors(cli, tmp_path: Path):
+    missing = cli("ingest", "run", str(tmp_path / "nope"), expect=2)
+    assert "no such file or folder" in missing.stderr and "Traceback" not in missing.stderr
+    unknown = cli("enclave", "search", "anything", "--kb", "nope", expect=2)
+    assert "unknown knowledge base 'nope'" in unknown.stderr
+    bad_name = cli("ingest", "run", str(SAMPLES / "it"), "--kb", "../x", expect=2)
+    assert "invalid knowledge base name" in bad_name.stderr
+
+
+def test_models_list(cli):
+    models = {m["name"]: m for m in json.loads(cli("enclave", "models", "list", "--json").stdout)}
+    for name in ("all-minilm-l6-v2", "smollm2-135m-instruct"):
+        assert models[name]["present"] and models[name]["verified"] and len(models[name]["sha256"]) == 64
