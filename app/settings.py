@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -38,7 +38,25 @@ class EmbeddingSettings(BaseModel):
 
 
 class GenerationSettings(BaseModel):
+    engine: Literal["transformers", "openai"] = "transformers"
+    # transformers engine: a bundled or registered model name.
     model: str = "smollm2-135m-instruct"
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    quantization: Literal["none", "int8", "int4"] = "none"
+    trust_remote_code: bool = False  # ChatGLM2/3 checkpoints ship their modelling code
+    context_window: int | None = Field(None, ge=256, description="tokens; default from the model config")
+    max_new_tokens: int = Field(512, ge=1, description="cap on any request's max_tokens")
+    # continuous batching limits
+    max_batch_size: int = Field(16, ge=1)
+    max_batch_tokens: int = Field(16384, ge=256, description="prompt + generated tokens held in the running batch")
+    max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond it: busy")
+    # openai engine: any OpenAI-compatible server (vLLM, llama.cpp server, transformers serve)
+    openai_base_url: str | None = None
+    openai_api_key: SecretStr | None = None
+    openai_model: str | None = None
+    timeout_seconds: float = Field(120.0, gt=0)
+    max_retries: int = Field(2, ge=0)
 
 
 class ChunkingSettings(BaseModel):

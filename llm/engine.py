@@ -1,0 +1,91 @@
+"""The one interface every generation engine implements (in-process transformers, remote OpenAI-compatible).
+
+Engines are asynchronous so that the API can stream many requests at once: ``stream`` yields text
+deltas as they are decoded; closing the iterator (a client that disconnects) cancels the request and
+frees its slot in the running batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class EngineError(Exception):
+    """A generation failed for a reason the caller should see (clear, user-facing message)."""
+
+
+class EngineBusy(EngineError):
+    """The waiting queue is full: answer 429/503 with Retry-After instead of hanging."""
+
+
+class PromptTooLong(EngineError):
+    """The prompt (after templating) cannot fit the model's context window with room to answer."""
+
+
+@dataclass
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[ChatMessage]
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy decoding
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    request_id: str | None = None
+
+
+@dataclass
+class GenerationChunk:
+    """A streamed piece: ``text`` is the new text since the previous chunk.
+
+    The last chunk of a stream has ``finish_reason`` set and carries the final token counts.
+    """
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str  # model name reported to clients
+    context_window: int  # tokens
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def count_prompt_tokens(self, messages: list[ChatMessage]) -> int: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+
+async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
+    """Drain a stream into one result (engines use it to implement ``generate``)."""
+    parts: list[str] = []
+    last = GenerationChunk("")
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        last = chunk
+    return GenerationResult("".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens)
