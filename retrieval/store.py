@@ -23,7 +23,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from retrieval.tables import ChunkRow, DocumentRow, IngestRunRow, KnowledgeBaseRow, encode_groups, utcnow
-from retrieval.vector_index import IndexDirectory, VectorIndex
+from retrieval.lexical import LexicalIndex
+from retrieval.text_analysis import tokenize
+from retrieval.vector_index import IndexDirectory, Manifest, VectorIndex
 
 _ID_BATCH = 1000
 
@@ -93,11 +95,22 @@ def _as_document(row: DocumentRow) -> StoredDocument:
 
 
 class KnowledgeBaseStore:
-    def __init__(self, engine: Engine, index_root: Path, embedder_name: str, dimension: int):
+    def __init__(
+        self,
+        engine: Engine,
+        index_root: Path,
+        embedder_name: str,
+        dimension: int,
+        *,
+        approximate_from: int = 50_000,
+        nprobe: int = 32,
+    ):
         self.engine = engine
         self.index_root = Path(index_root)
         self.embedder_name = embedder_name
         self.dimension = dimension
+        self.approximate_from = approximate_from  # switch FAISS to IVF at this many chunks
+        self.nprobe = nprobe
 
     # Knowledge bases -------------------------------------------------------------------------
     def directory(self, kb: str) -> IndexDirectory:
@@ -212,41 +225,51 @@ class KnowledgeBaseStore:
         return runs
 
     # Index ----------------------------------------------------------------------------------
-    def load_index(self, kb: str) -> VectorIndex:
-        """A reader's view: the published index, brought up to date with the rows in memory."""
+    def load_indexes(self, kb: str) -> tuple[VectorIndex, LexicalIndex, Manifest | None]:
+        """A reader's view: the published indexes, brought up to date with the rows in memory."""
         row = self.get_kb(kb)
-        index, manifest = self.directory(kb).load(self.dimension)
+        vectors, lexical, manifest = self.directory(kb).load(self.dimension, self.nprobe)
         if manifest is None or manifest.generation != row.generation:
-            self._reconcile(kb, index)
-        return index
+            self._reconcile(kb, vectors, lexical)
+        return vectors, lexical, manifest
 
-    def _reconcile(self, kb: str, index: VectorIndex) -> bool:
+    def load_index(self, kb: str) -> VectorIndex:
+        return self.load_indexes(kb)[0]
+
+    def _reconcile(self, kb: str, vectors: VectorIndex, lexical: LexicalIndex) -> bool:
+        """Make both indexes hold exactly the chunk rows of ``kb`` (after a crash or a stale load)."""
         db_ids = self.chunk_ids(kb)
-        index_ids = index.ids()
-        extra = np.setdiff1d(index_ids, db_ids, assume_unique=False)
-        missing = np.setdiff1d(db_ids, index_ids, assume_unique=False)
-        if len(extra):
-            index.remove(extra.tolist())
-        if len(missing):
-            with Session(self.engine) as session:
-                for batch in _batched(missing.tolist()):
-                    rows = session.exec(select(ChunkRow.id, ChunkRow.embedding).where(ChunkRow.id.in_(batch))).all()
-                    index.add([r[0] for r in rows], _vectors([r[1] for r in rows], self.dimension))
-        return bool(len(extra) or len(missing))
+        changed = False
+        for index in (vectors, lexical):
+            index_ids = index.ids()
+            extra = np.setdiff1d(index_ids, db_ids)
+            missing = np.setdiff1d(db_ids, index_ids)
+            if len(extra):
+                index.remove(extra.tolist())
+            for batch in _batched(missing.tolist()):
+                with Session(self.engine) as session:
+                    if index is vectors:
+                        rows = session.exec(select(ChunkRow.id, ChunkRow.embedding).where(ChunkRow.id.in_(batch))).all()
+                        vectors.add([r[0] for r in rows], _vectors([r[1] for r in rows], self.dimension))
+                    else:
+                        rows = session.exec(select(ChunkRow.id, ChunkRow.text).where(ChunkRow.id.in_(batch))).all()
+                        lexical.add([r[0] for r in rows], [tokenize(r[1]) for r in rows])
+            changed = changed or bool(len(extra) or len(missing))
+        return changed
 
     @contextmanager
     def writer(self, kb: str, checkpoint_seconds: float = 60.0) -> Iterator["KnowledgeBaseWriter"]:
         self.ensure_kb(kb)
         directory = self.directory(kb)
         with directory.writer_lock():
-            index, manifest = directory.load(self.dimension)
-            writer = KnowledgeBaseWriter(self, kb, index, directory, checkpoint_seconds)
-            if self._reconcile(kb, index) or manifest is None:
+            vectors, lexical, manifest = directory.load(self.dimension, self.nprobe)
+            writer = KnowledgeBaseWriter(self, kb, vectors, lexical, directory, checkpoint_seconds)
+            if self._reconcile(kb, vectors, lexical) or manifest is None:
                 writer.dirty = True
             try:
                 yield writer
             finally:
-                # The in-memory index mirrors only committed rows, so publishing after an error
+                # The in-memory indexes mirror only committed rows, so publishing after an error
                 # is safe and saves the next reader a reconcile.
                 writer.publish()
 
@@ -270,6 +293,7 @@ class KnowledgeBaseWriter:
     store: KnowledgeBaseStore
     kb: str
     index: VectorIndex
+    lexical: LexicalIndex
     directory: IndexDirectory
     checkpoint_seconds: float
     dirty: bool = False
@@ -323,10 +347,12 @@ class KnowledgeBaseWriter:
                 added_vectors.append(vectors.reshape(len(chunks), self.store.dimension))
             self._bump(session)
             session.commit()
-        # The rows are durable; now mirror the change in the index (reconciled after a crash).
+        # The rows are durable; now mirror the change in the indexes (reconciled after a crash).
         self.index.remove(removed)
+        self.lexical.remove(removed)
         if added_ids:
             self.index.add(added_ids, np.concatenate(added_vectors))
+            self.lexical.add(added_ids, [tokenize(c.text) for _, chunks, _ in items for c in chunks])
         self.dirty = True
         self.maybe_checkpoint()
         return len(added_ids)
@@ -356,6 +382,7 @@ class KnowledgeBaseWriter:
             self._bump(session)
             session.commit()
         self.index.remove(removed)
+        self.lexical.remove(removed)
         self.dirty = True
         self.maybe_checkpoint()
         return len(removed)
@@ -368,6 +395,7 @@ class KnowledgeBaseWriter:
         if not self.dirty:
             return
         generation = self.store.get_kb(self.kb).generation
-        self.directory.publish(self.index, generation)
+        self.index.optimize(self.store.approximate_from)
+        self.directory.publish(self.index, self.lexical, generation)
         self.dirty = False
         self._last_publish = time.monotonic()

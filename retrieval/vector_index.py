@@ -26,6 +26,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retrieval.lexical import LexicalIndex
+
 MANIFEST = "manifest.json"
 
 
@@ -56,30 +58,71 @@ def write_atomic(path: Path, data: bytes) -> None:
 class Manifest:
     version: int
     vectors: str
+    lexical: str
     count: int
     dimension: int
     generation: int  # the database generation this index reflects
+    kind: str = "flat"  # flat (exact) | ivf (approximate)
+    trained_size: int = 0  # IVF: vectors it was trained on
 
     @classmethod
     def read(cls, directory: Path) -> "Manifest | None":
         path = directory / MANIFEST
-        if not path.is_file():
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
             return None
-        return cls(**json.loads(path.read_text()))
 
 
 class VectorIndex:
-    """An inner-product FAISS index over normalised vectors (cosine similarity) with chunk ids."""
+    """Inner-product search over normalised vectors (cosine similarity) keyed by chunk ids.
 
-    def __init__(self, dimension: int, index: faiss.Index | None = None):
+    Exact (``IndexIDMap2`` over ``IndexFlatIP``) for small knowledge bases; approximate
+    (``IndexIVFFlat``) once :meth:`optimize` finds it past the configured size. IVF rather than HNSW
+    because FAISS's HNSW cannot remove vectors, and ingestion removes the chunks of changed files.
+    """
+
+    def __init__(self, dimension: int, index: faiss.Index | None = None, nprobe: int = 32, trained_size: int = 0):
         self.dimension = dimension
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+        self.nprobe = nprobe
+        self.trained_size = trained_size  # vectors the IVF was trained on (0 for flat)
+
+    @property
+    def kind(self) -> str:
+        return "ivf" if isinstance(self.index, faiss.IndexIVF) else "flat"
 
     def __len__(self) -> int:
         return self.index.ntotal
 
     def ids(self) -> np.ndarray:
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        if self.kind == "flat":
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        invlists = self.index.invlists
+        parts = [
+            faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+            for i in range(self.index.nlist)
+            if invlists.list_size(i)
+        ]
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """All (ids, vectors); used to convert between index kinds without re-embedding."""
+        if self.kind == "flat":
+            flat = faiss.downcast_index(self.index.index)
+            data = faiss.rev_swig_ptr(flat.get_xb(), len(self) * self.dimension)
+            return self.ids(), np.array(data, dtype=np.float32).reshape(len(self), self.dimension)
+        invlists = self.index.invlists
+        ids, vecs = [], []
+        for i in range(self.index.nlist):
+            size = invlists.list_size(i)
+            if size:
+                ids.append(faiss.rev_swig_ptr(invlists.get_ids(i), size).copy())
+                codes = faiss.rev_swig_ptr(invlists.get_codes(i), size * self.dimension * 4)
+                vecs.append(np.frombuffer(codes.tobytes(), dtype=np.float32).reshape(size, self.dimension))
+        if not ids:
+            return np.empty(0, dtype=np.int64), np.empty((0, self.dimension), dtype=np.float32)
+        return np.concatenate(ids).astype(np.int64), np.concatenate(vecs)
 
     def add(self, ids: Iterable[int], vectors: np.ndarray) -> None:
         id_array = np.asarray(list(ids), dtype=np.int64)
@@ -95,31 +138,75 @@ class VectorIndex:
         # IDSelectorBatch is a hash set; IDSelectorArray would scan the id list per stored vector.
         return int(self.index.remove_ids(faiss.IDSelectorBatch(len(id_array), faiss.swig_ptr(id_array))))
 
-    def search(self, query: np.ndarray, k: int, allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids); with ``allowed_ids`` the restriction is applied inside FAISS."""
+    def search(
+        self, query: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids); with ``allowed_ids`` the restriction is applied inside FAISS.
+
+        On an IVF index a restrictive filter can leave too few permitted vectors in the probed
+        lists; the search then widens ``nprobe`` until k permitted results are found or every list
+        was scanned, so k permitted chunks come back whenever k exist.
+        """
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dimension)
-        params = None
-        if allowed_ids is not None:
-            allowed = np.ascontiguousarray(allowed_ids, dtype=np.int64)
-            if len(allowed) == 0:
-                return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed)))
-        k = min(k, len(self))
+        available = len(self) if allowed_ids is None else len(allowed_ids)
+        k = min(k, len(self), available)
         if k <= 0:
             return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
-        scores, ids = self.index.search(query, k, params=params)
+        selector = None
+        if allowed_ids is not None:
+            allowed = np.ascontiguousarray(allowed_ids, dtype=np.int64)
+            selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+        if self.kind == "flat":
+            params = faiss.SearchParameters(sel=selector) if selector is not None else None
+            scores, ids = self.index.search(query, k, params=params)
+        else:
+            nprobe = min(self.nprobe, self.index.nlist)
+            while True:
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) if selector is not None else (
+                    faiss.SearchParametersIVF(nprobe=nprobe)
+                )
+                scores, ids = self.index.search(query, k, params=params)
+                if (ids[0] >= 0).sum() >= k or nprobe >= self.index.nlist:
+                    break
+                nprobe = min(nprobe * 4, self.index.nlist)
         keep = ids[0] >= 0
         return scores[0][keep], ids[0][keep]
+
+    def optimize(self, approximate_from: int) -> bool:
+        """Switch to IVF past ``approximate_from`` vectors, retrain as it grows 4x; True if rebuilt."""
+        n = len(self)
+        if n < approximate_from:
+            if self.kind == "ivf":  # shrank well below the threshold: exact is cheap again
+                self._rebuild_flat()
+                return True
+            return False
+        if self.kind == "ivf" and n < 4 * self.trained_size:
+            return False
+        ids, vectors = self.vectors()
+        nlist = max(16, int(4 * np.sqrt(n)))
+        quantizer = faiss.IndexFlatIP(self.dimension)
+        index = faiss.IndexIVFFlat(quantizer, self.dimension, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        sample = vectors[rng.choice(n, size=min(n, nlist * 64), replace=False)]
+        index.train(sample)
+        index.add_with_ids(vectors, ids)
+        self.index, self.trained_size = index, n
+        return True
+
+    def _rebuild_flat(self) -> None:
+        ids, vectors = self.vectors()
+        self.index, self.trained_size = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimension)), 0
+        self.add(ids, vectors)
 
     def serialize(self) -> bytes:
         return faiss.serialize_index(self.index).tobytes()
 
     @classmethod
-    def deserialize(cls, data: bytes, dimension: int) -> "VectorIndex":
+    def deserialize(cls, data: bytes, dimension: int, nprobe: int = 32, trained_size: int = 0) -> "VectorIndex":
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         if index.d != dimension:
             raise ValueError(f"index dimension {index.d} does not match the embedder's {dimension}")
-        return cls(dimension, index)
+        return cls(dimension, index, nprobe, trained_size)
 
 
 class IndexDirectory:
@@ -131,30 +218,36 @@ class IndexDirectory:
     def manifest(self) -> Manifest | None:
         return Manifest.read(self.path)
 
-    def load(self, dimension: int) -> tuple[VectorIndex, Manifest | None]:
+    def load(self, dimension: int, nprobe: int = 32) -> tuple[VectorIndex, LexicalIndex, Manifest | None]:
         manifest = self.manifest()
         if manifest is None:
-            return VectorIndex(dimension), None
-        data = (self.path / manifest.vectors).read_bytes()
-        return VectorIndex.deserialize(data, dimension), manifest
+            return VectorIndex(dimension, nprobe=nprobe), LexicalIndex(), None
+        vectors = VectorIndex.deserialize(
+            (self.path / manifest.vectors).read_bytes(), dimension, nprobe, manifest.trained_size
+        )
+        lexical = LexicalIndex.deserialize((self.path / manifest.lexical).read_bytes())
+        return vectors, lexical, manifest
 
-    def publish(self, index: VectorIndex, generation: int) -> Manifest:
+    def publish(self, vectors: VectorIndex, lexical: LexicalIndex, generation: int) -> Manifest:
         self.path.mkdir(parents=True, exist_ok=True)
         previous = self.manifest()
         version = (previous.version if previous else 0) + 1
-        name = f"vectors-{version:06d}.faiss"
-        write_atomic(self.path / name, index.serialize())
-        manifest = Manifest(version, name, len(index), index.dimension, generation)
+        names = (f"vectors-{version:06d}.faiss", f"lexical-{version:06d}.npz")
+        write_atomic(self.path / names[0], vectors.serialize())
+        write_atomic(self.path / names[1], lexical.serialize())
+        manifest = Manifest(
+            version, names[0], names[1], len(vectors), vectors.dimension, generation, vectors.kind, vectors.trained_size
+        )
         write_atomic(self.path / MANIFEST, json.dumps(manifest.__dict__, indent=2).encode())
-        self._prune(keep={name, previous.vectors if previous else name})
+        self._prune(keep={*names, *((previous.vectors, previous.lexical) if previous else ())})
         return manifest
 
     def _prune(self, keep: set[str]) -> None:
         # Keep the previous version too: a reader may have read the old manifest a moment ago.
-        for old in self.path.glob("vectors-*.faiss"):
+        for old in [*self.path.glob("vectors-*.faiss"), *self.path.glob("lexical-*.npz")]:
             if old.name not in keep:
                 old.unlink(missing_ok=True)
-        for tmp in self.path.glob(".*.faiss.*"):
+        for tmp in [*self.path.glob(".vectors-*"), *self.path.glob(".lexical-*"), *self.path.glob(f".{MANIFEST}.*")]:
             tmp.unlink(missing_ok=True)
 
     def remove(self) -> None:

@@ -117,10 +117,11 @@ def test_sigkill_then_resume_gives_exact_chunk_set(database_url: str, tmp_path: 
     assert report["total_chunks"] == len(rows) == sum(len(v) for v in expected.values())
 
     # The published index holds exactly those chunk ids, each with its own (fresh) vector.
-    index, manifest = IndexDirectory(tmp_path / "var" / "indexes" / "default").load(embedder.dimension)
+    index, lexical, manifest = IndexDirectory(tmp_path / "var" / "indexes" / "default").load(embedder.dimension)
     assert manifest is not None
     ids = np.array([r[0] for r in rows], dtype=np.int64)
     assert np.array_equal(np.sort(index.ids()), np.sort(ids))
+    assert np.array_equal(np.sort(lexical.ids()), np.sort(ids))
     stored_vectors = np.stack([np.frombuffer(r[4], dtype=np.float32) for r in rows])
     indexed = np.stack([index.index.reconstruct(int(i)) for i in ids])
     np.testing.assert_allclose(indexed, stored_vectors, atol=1e-6)

@@ -67,9 +67,10 @@ def pipeline(store: KnowledgeBaseStore, counting: CountingEmbedder) -> IngestPip
 def assert_consistent(store: KnowledgeBaseStore, kb: str) -> None:
     """Published index == chunk rows; no duplicate chunks; document chunk counts agree."""
     db_ids = store.chunk_ids(kb)
-    index, manifest = store.directory(kb).load(store.dimension)
+    index, lexical, manifest = store.directory(kb).load(store.dimension)
     assert manifest is not None
     assert np.array_equal(np.sort(index.ids()), db_ids)
+    assert np.array_equal(np.sort(lexical.ids()), db_ids)
     with Session(store.engine) as session:
         pairs = session.exec(select(ChunkRow.document_id, ChunkRow.ordinal).where(ChunkRow.kb == kb)).all()
         assert len(pairs) == len(set(pairs))
@@ -190,18 +191,20 @@ def test_stale_index_is_reconciled_from_rows(pipeline: IngestPipeline, store: Kn
     pipeline.run(corpus, "kb1")
     directory = store.directory("kb1")
     stale_manifest = (directory.path / "manifest.json").read_bytes()
-    stale_name = json.loads(stale_manifest)["vectors"]
-    stale_vectors = (directory.path / stale_name).read_bytes()
+    stale = json.loads(stale_manifest)
+    stale_files = {name: (directory.path / name).read_bytes() for name in (stale["vectors"], stale["lexical"])}
 
     (corpus / "leave-policy.md").write_text("# Leave\n\nThirty days of leave for everyone.\n")
     (corpus / "company-overview.md").unlink()
     pipeline.run(corpus, "kb1")
     # Put the old index back, as if the process had died right after its database commit.
-    (directory.path / stale_name).write_bytes(stale_vectors)
+    for name, data in stale_files.items():
+        (directory.path / name).write_bytes(data)
     (directory.path / "manifest.json").write_bytes(stale_manifest)
 
-    index = store.load_index("kb1")
+    index, lexical, _ = store.load_indexes("kb1")
     assert np.array_equal(np.sort(index.ids()), store.chunk_ids("kb1"))
+    assert np.array_equal(np.sort(lexical.ids()), store.chunk_ids("kb1"))
     with store.writer("kb1"):
         pass  # a writer publishes the reconciled index
     assert_consistent(store, "kb1")

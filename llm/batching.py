@@ -1,0 +1,433 @@
+"""Continuous batching for the in-process transformers engine.
+
+One background thread owns the model and runs the decode loop. Requests (``Sequence``) are queued
+from any thread; between two decode steps the loop
+
+1. drops rows whose consumer went away (``Sequence.cancel``),
+2. admits waiting requests within the limits (``max_batch_size``, ``max_batch_tokens``), prefills
+   each one alone and samples its first token from the prefill logits (that is the time to first
+   token), and
+3. merges their KV caches into the running batch and runs one decode step for every row at once.
+
+The running batch is ONE ``DynamicCache``-shaped cache whose rows are left-padded to a common
+length, with a 2-D attention mask (0 on the padding) and explicit ``position_ids`` per row, so a
+row computes exactly what it would compute alone (the padding is masked out, positions are the
+row's own). This is the same layout ``generate`` uses for a padded batch, so every decoder model
+with a standard full-attention cache works without model-specific code.
+
+Why this design (measured on the 2-core CPU this project targets, SmolLM2-135M; see
+docs/benchmarks.md):
+
+* transformers' own continuous batching (``generate_batch`` / paged attention) works on CPU but
+  decoded ~3x slower than a plain padded batch here: its paged kernels are written for GPUs.
+* Keeping one cache per request and padding them together every step costs a copy of the whole
+  KV state per step; merging once, when a request joins, and selecting rows when one leaves, costs
+  a copy only on those events.
+* Prefilling each new request alone (a batch of one, no padding) keeps its prompt computation
+  identical to a solo run, and prefill is already a matrix-matrix product on CPU, so batching
+  several prefills would gain little. A token budget per step (``prefill_token_budget``) bounds how
+  long the running rows wait while a burst of new requests is prefilled.
+* The cache layers append into spare capacity (``GrowableLayer``) instead of ``torch.cat``-ing
+  the whole cache on every step as ``DynamicLayer`` does.
+
+Text (detokenisation, stop strings) is not handled here: the engine does it on the consumer side,
+so this module deals only in token ids.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from llm.engine import EngineBusy, EngineError
+
+log = logging.getLogger(__name__)
+
+# on_event(token_id, finish_reason, error): called from the scheduler thread for every sampled
+# token (finish_reason "stop" on EOS, "length" at the token limit), or once with an error.
+EventCallback = Callable[[int | None, str | None, BaseException | None], None]
+
+
+class Sequence:
+    """One request, at the token level. Created by the engine, owned by the scheduler once submitted."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int,
+        on_event: EventCallback,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ):
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed if seed is not None else secrets.randbits(63)
+        self.on_event = on_event
+        self.cancelled = False  # written by the consumer (any thread), read between steps
+        # Scheduler state.
+        self.generator: torch.Generator | None = None
+        self.generated = 0  # tokens sampled so far
+        self.last_token = -1  # sampled but not yet fed to the model
+        self.length = 0  # tokens held in this row's KV cache
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request at the next step boundary (thread-safe)."""
+        self.cancelled = True
+
+
+class GrowableLayer(DynamicLayer):
+    """A full-attention cache layer that appends into spare capacity.
+
+    ``DynamicLayer.update`` concatenates the new key/value onto the whole cache on every step, so
+    a step copies the entire KV state (hundreds of MB per step for a 32-row batch). Here the
+    tensors live in a buffer with room to grow and ``keys``/``values`` are views of its filled
+    part; a step writes one column. The scheduler replaces the tensors wholesale with ``assign``
+    when rows join or leave.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        self._kbuf = self._vbuf = None  # the next update reallocates with spare room
+        if not self.is_initialized:
+            self.device = keys.device
+            self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys = self.values = None
+        used = 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+        new = key_states.shape[-2]
+        if self._kbuf is None or used + new > self._kbuf.shape[-2]:
+            capacity = used + new + max(32, (used + new) // 4)
+            self._kbuf = self._grow(self.keys, key_states, used, capacity)
+            self._vbuf = self._grow(self.values, value_states, used, capacity)
+        self._kbuf[..., used : used + new, :] = key_states
+        self._vbuf[..., used : used + new, :] = value_states
+        self.keys = self._kbuf[..., : used + new, :]
+        self.values = self._vbuf[..., : used + new, :]
+        return self.keys, self.values
+
+    @staticmethod
+    def _grow(old: torch.Tensor | None, like: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+        shape = (*like.shape[:-2], capacity, like.shape[-1])
+        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if used:
+            buf[..., :used, :] = old
+        return buf
+
+    def reset(self) -> None:
+        self._kbuf = self._vbuf = None
+        super().reset()
+
+
+def new_cache(num_layers: int) -> Cache:
+    return Cache(layers=[GrowableLayer() for _ in range(num_layers)])
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class BatchScheduler:
+    """The decode loop: a background thread, a waiting queue and one running batch."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        eos_token_ids: Iterable[int],
+        context_window: int,
+        max_batch_size: int = 16,
+        max_batch_tokens: int = 16384,
+        max_queue: int = 64,
+        prefill_token_budget: int = 1024,
+    ):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.eos = frozenset(int(t) for t in eos_token_ids)
+        self.context_window = context_window
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue = max_queue
+        self.prefill_token_budget = prefill_token_budget
+        self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+
+        # transformers 5 renamed the cache argument and output from past_key_values to cache;
+        # remote-code models keep the old name.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_logits = "logits_to_keep" in params
+
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._running_count = 0  # len(self._rows), readable under the lock by submit()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        # Running batch; touched only by the scheduler thread.
+        self._rows: list[Sequence] = []
+        self._cache: Cache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token
+        # Between-step jobs (e.g. swapping a LoRA adapter) run on the scheduler thread.
+        self._jobs: deque[tuple[Callable[[], object], Callable[[object, BaseException | None], None]]] = deque()
+        # Counters for benchmarks and metrics.
+        self.steps = 0
+        self.decoded_tokens = 0
+
+    # --- public API (any thread) ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="enclave-batching", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a request; raises ``EngineBusy`` at once when the waiting queue is full."""
+        with self._cond:
+            if self._closing:
+                raise EngineError("the generation engine is shut down")
+            # Requests that will get a free slot at the next step do not count as waiting.
+            free_slots = max(0, self.max_batch_size - self._running_count)
+            if len(self._waiting) >= self.max_queue + free_slots:
+                raise EngineBusy(
+                    f"generation queue is full ({self.max_batch_size} running, {len(self._waiting)} waiting); "
+                    "retry later"
+                )
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def call_between_steps(self, fn: Callable[[], object], done: Callable[[object, BaseException | None], None]) -> None:
+        """Run ``fn`` on the scheduler thread between two steps, then ``done(result, error)``."""
+        with self._cond:
+            self._jobs.append((fn, done))
+            self._cond.notify()
+
+    @property
+    def running(self) -> int:
+        return self._running_count
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # --- the loop (scheduler thread) ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closing or self._waiting or self._rows or self._jobs):
+                    self._cond.wait()
+                if self._closing:
+                    break
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for fn, done in jobs:
+                self._run_job(fn, done)
+            admitted: list[Sequence] = []
+            try:
+                with torch.inference_mode():
+                    self._drop([i for i, s in enumerate(self._rows) if s.cancelled])
+                    admitted = self._admit()
+                    joining = [j for j in (self._prefill(s) for s in admitted) if j is not None]
+                    self._merge(joining)
+                    if self._rows:
+                        self._decode_step()
+                with self._cond:
+                    self._running_count = len(self._rows)
+            except Exception as exc:  # a failed step fails every request in flight, not the engine
+                log.exception("generation step failed")
+                error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+                for s in {id(s): s for s in [*self._rows, *admitted]}.values():
+                    self._notify(s, None, None, error)
+                self._drop(list(range(len(self._rows))))
+        # Shutting down: whoever is still waiting or running gets an error instead of hanging.
+        error = EngineError("the generation engine was shut down")
+        with self._cond:
+            pending = [*self._rows, *self._waiting]
+            self._waiting.clear()
+        for s in pending:
+            self._notify(s, None, None, error)
+        self._drop(list(range(len(self._rows))))
+
+    @staticmethod
+    def _run_job(fn, done) -> None:
+        try:
+            result, error = fn(), None
+        except Exception as exc:
+            result, error = None, exc
+        done(result, error)
+
+    def _final_length(self, s: Sequence) -> int:
+        return min(len(s.prompt_ids) + s.max_new_tokens, self.context_window)
+
+    def _admit(self) -> list[Sequence]:
+        """Take waiting requests, in order, while they fit.
+
+        ``max_batch_tokens`` bounds the KV memory of the batch *with its padding*: rows x the longest
+        final length (prompt + max_new_tokens) among them, a worst case the batch can never exceed,
+        so nothing ever has to be evicted. A request is always admitted into an empty batch, so one
+        larger than the limit runs alone instead of waiting forever.
+        """
+        taken: list[Sequence] = []
+        longest = max((self._final_length(s) for s in self._rows), default=0)
+        prefill = 0
+        with self._cond:
+            while self._waiting:
+                s = self._waiting[0]
+                if s.cancelled:
+                    self._waiting.popleft()
+                    continue
+                rows = len(self._rows) + len(taken) + 1
+                grown = max(longest, self._final_length(s))
+                if rows > 1 and (rows > self.max_batch_size or rows * grown > self.max_batch_tokens):
+                    break
+                if taken and prefill + len(s.prompt_ids) > self.prefill_token_budget:
+                    break
+                self._waiting.popleft()
+                taken.append(s)
+                longest, prefill = grown, prefill + len(s.prompt_ids)
+            self._running_count = len(self._rows) + len(taken)
+        return taken
+
+    def _forward(self, input_ids, *, attention_mask=None, position_ids=None, cache=None):
+        kwargs = {self._cache_arg: cache, "use_cache": True}
+        if self._keep_logits:
+            kwargs["logits_to_keep"] = 1  # the lm_head over the whole prompt would be wasted work
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, s: Sequence) -> tuple[Sequence, Cache] | None:
+        """Run the prompt alone, sample its first token; return its cache if it goes on decoding."""
+        if s.temperature > 0:
+            s.generator = torch.Generator(device=self.device).manual_seed(s.seed)
+        cache = new_cache(self.num_layers)
+        ids = torch.tensor([s.prompt_ids], device=self.device)
+        logits = self._forward(ids, cache=cache)
+        s.length = len(s.prompt_ids)
+        if self._accept(s, self._sample([s], logits)[0]):
+            return None
+        return s, cache
+
+    def _merge(self, joining: list[tuple[Sequence, Cache]]) -> None:
+        """Append the new rows to the running batch, left-padding everyone to a common length."""
+        if not joining:
+            return
+        current = self._mask.shape[1] if self._rows else 0
+        width = max([current] + [s.length for s, _ in joining])
+        masks = [_pad_left(self._mask, width - current, 1)] if self._rows else []
+        masks += [_pad_left(torch.ones(1, s.length, dtype=torch.long, device=self.device), width - s.length, 1)
+                  for s, _ in joining]
+        if self._cache is None:
+            self._cache = new_cache(self.num_layers)
+        for i in range(self.num_layers):
+            layer = self._cache.layers[i]
+            parts_k = [_pad_left(layer.keys, width - current, 2)] if self._rows else []
+            parts_v = [_pad_left(layer.values, width - current, 2)] if self._rows else []
+            for s, c in joining:
+                parts_k.append(_pad_left(c.layers[i].keys, width - s.length, 2))
+                parts_v.append(_pad_left(c.layers[i].values, width - s.length, 2))
+            layer.assign(torch.cat(parts_k, 0), torch.cat(parts_v, 0))
+        self._mask = torch.cat(masks, 0)
+        self._rows.extend(s for s, _ in joining)
+
+    def _drop(self, indices: list[int]) -> None:
+        """Remove finished or cancelled rows, then trim padding columns no row needs any more."""
+        if not indices:
+            return
+        gone = set(indices)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        with self._cond:
+            self._running_count = len(self._rows)
+        if not keep:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        # Rows are left-padded, so the first real column of each row is its first 1.
+        trim = int(mask.argmax(dim=1).min())
+        self._mask = mask[:, trim:]
+        for layer in self._cache.layers:
+            layer.assign(layer.keys.index_select(0, index)[:, :, trim:], layer.values.index_select(0, index)[:, :, trim:])
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        ids = torch.tensor([[s.last_token] for s in rows], device=self.device)
+        positions = torch.tensor([[s.length] for s in rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        logits = self._forward(ids, attention_mask=self._mask, position_ids=positions, cache=self._cache)
+        tokens = self._sample(rows, logits)
+        self.steps += 1
+        self.decoded_tokens += len(rows)
+        finished = []
+        for i, (s, token) in enumerate(zip(rows, tokens)):
+            s.length += 1
+            if self._accept(s, token):
+                finished.append(i)
+        self._drop(finished)
+
+    @staticmethod
+    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Greedy for temperature 0; else temperature + nucleus sampling with the row's own generator."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, s in enumerate(seqs):
+            if s.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+            if s.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked higher
+                sorted_probs[before >= s.top_p] = 0.0  # the top token always stays
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            tokens[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+        return tokens
+
+    def _accept(self, s: Sequence, token: int) -> bool:
+        """Record a sampled token and tell the consumer; True when the sequence is finished."""
+        s.generated += 1
+        s.last_token = token
+        finish = None
+        if token in self.eos:
+            finish = "stop"
+        elif s.generated >= s.max_new_tokens or len(s.prompt_ids) + s.generated >= self.context_window:
+            finish = "length"
+        self._notify(s, token, finish, None)
+        return finish is not None or s.cancelled
+
+    @staticmethod
+    def _notify(s: Sequence, token, finish, error) -> None:
+        try:
+            s.on_event(token, finish, error)
+        except Exception:  # the consumer's event loop is gone: nobody is listening any more
+            log.debug("dropping a request whose consumer is gone", exc_info=True)
+            s.cancel()
