@@ -10,7 +10,7 @@ from ingest.chunking import Chunker
 from ingest.pipeline import IngestPipeline
 from llm.models import LocalModel, ModelStore
 from retrieval.embedder import Embedder
-from retrieval.search import DenseSearcher
+from retrieval.retriever import RetrievalConfig, Retriever, make_reranker
 from retrieval.store import KnowledgeBaseStore
 
 
@@ -43,7 +43,11 @@ class Container:
 
     @cached_property
     def kb_store(self) -> KnowledgeBaseStore:
-        return KnowledgeBaseStore(self.engine, self.settings.index_dir, self.embedder.name, self.embedder.dimension)
+        cfg = self.settings.retrieval
+        return KnowledgeBaseStore(
+            self.engine, self.settings.index_dir, self.embedder.name, self.embedder.dimension,
+            approximate_from=cfg.approximate_from, nprobe=cfg.nprobe,
+        )
 
     @cached_property
     def chunker(self) -> Chunker:
@@ -59,5 +63,13 @@ class Container:
         )
 
     @cached_property
-    def searcher(self) -> DenseSearcher:
-        return DenseSearcher(self.kb_store, self.embedder)
+    def retriever(self) -> Retriever:
+        cfg = self.settings.retrieval
+        reranker = None
+        if cfg.reranker:
+            reranker = make_reranker(str(self.model_store.resolve(cfg.reranker).path), self.settings.embedding.device)
+        config = RetrievalConfig(
+            dense_weight=cfg.dense_weight, bm25_weight=cfg.bm25_weight, rrf_k=cfg.rrf_k, candidates=cfg.candidates,
+            mmr_lambda=cfg.mmr_lambda, rerank_top_n=cfg.rerank_top_n, query_cache_size=cfg.query_cache_size,
+        )
+        return Retriever(self.kb_store, self.embedder, config, reranker)

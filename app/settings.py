@@ -80,6 +80,19 @@ class IngestSettings(BaseModel):
     max_file_mb: float = Field(100.0, gt=0)
 
 
+class RetrievalSettings(BaseModel):
+    dense_weight: float = Field(1.0, ge=0)
+    bm25_weight: float = Field(1.0, ge=0)
+    rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant")
+    candidates: int = Field(50, ge=1, description="candidates per retriever before fusion")
+    mmr_lambda: float | None = Field(None, ge=0, le=1, description="MMR relevance/diversity trade-off; null: off")
+    reranker: str | None = Field(None, description="registered cross-encoder model name; null: no reranking")
+    rerank_top_n: int = Field(20, ge=1)
+    approximate_from: int = Field(50_000, ge=1, description="chunks from which FAISS switches to IVF")
+    nprobe: int = Field(32, ge=1, description="IVF lists probed per query")
+    query_cache_size: int = Field(1024, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ENCLAVE_",
@@ -95,6 +108,7 @@ class Settings(BaseSettings):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @classmethod

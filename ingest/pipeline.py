@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -224,7 +225,7 @@ class IngestPipeline:
             doc = DocumentInput(
                 root=str(report.root), source=item.source, file_type=document.file_type,
                 title=document.title or item.path.stem, content_hash=item.content_hash, size=item.size,
-                groups=item.groups,
+                groups=item.groups, modified_at=datetime.fromtimestamp(item.path.stat().st_mtime, timezone.utc),
             )
             parsed.append((item, doc, [ChunkInput(c.ordinal, c.text, c.page, c.heading) for c in chunks]))
         if not parsed:

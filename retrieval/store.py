@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class DocumentInput:
     content_hash: str
     size: int
     groups: Sequence[str]
+    modified_at: datetime | None = None
 
 
 @dataclass
@@ -335,6 +337,7 @@ class KnowledgeBaseWriter:
                     session.exec(sa.delete(ChunkRow).where(ChunkRow.document_id == row.id))
                 row.file_type, row.title, row.content_hash = doc.file_type, doc.title, doc.content_hash
                 row.size, row.groups, row.chunk_count, row.ingested_at = doc.size, groups, len(chunks), utcnow()
+                row.modified_at = doc.modified_at
                 vectors = np.ascontiguousarray(vectors, dtype=np.float32)
                 chunk_rows = [
                     ChunkRow(document_id=row.id, kb=self.kb, ordinal=c.ordinal, text=c.text, page=c.page,

@@ -63,6 +63,7 @@ class DocumentRow(SQLModel, table=True):
     groups: str = Field(sa_column=Column(Text, nullable=False))
     chunk_count: int = 0
     ingested_at: datetime = Field(default_factory=utcnow)
+    modified_at: datetime | None = None  # the file's modification time, for date filters
 
 
 class ChunkRow(SQLModel, table=True):

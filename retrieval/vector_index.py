@@ -143,9 +143,10 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids); with ``allowed_ids`` the restriction is applied inside FAISS.
 
-        On an IVF index a restrictive filter can leave too few permitted vectors in the probed
-        lists; the search then widens ``nprobe`` until k permitted results are found or every list
-        was scanned, so k permitted chunks come back whenever k exist.
+        On an IVF index a restrictive filter leaves fewer permitted vectors in each probed list, so
+        ``nprobe`` grows with the inverse of the permitted fraction, and widens further until k
+        permitted results are found or every list was scanned: k permitted chunks come back
+        whenever k exist.
         """
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dimension)
         available = len(self) if allowed_ids is None else len(allowed_ids)
@@ -160,7 +161,10 @@ class VectorIndex:
             params = faiss.SearchParameters(sel=selector) if selector is not None else None
             scores, ids = self.index.search(query, k, params=params)
         else:
-            nprobe = min(self.nprobe, self.index.nlist)
+            # Probe more lists the fewer vectors are permitted, so that about as many permitted
+            # vectors are scanned as an unfiltered search scans (recall stays comparable).
+            fraction = available / len(self)
+            nprobe = min(self.index.nlist, int(np.ceil(self.nprobe / fraction)))
             while True:
                 params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe) if selector is not None else (
                     faiss.SearchParametersIVF(nprobe=nprobe)

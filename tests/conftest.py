@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
@@ -32,10 +33,45 @@ def models_dir() -> Path:
     return root
 
 
+class MemoEmbedder(Embedder):
+    """The real embedder, counting the passages and queries it is asked for.
+
+    Vectors are memoised across tests (same model, same text, same vector) so that the many
+    ingests of the same small corpora do not each pay for the model again.
+    """
+
+    _memo: dict[str, np.ndarray] = {}
+
+    def __init__(self, inner: Embedder):
+        super().__init__(inner.model_path, name=inner.name)
+        self._model = inner.model
+        self.passages = 0
+        self.queries = 0
+
+    def _cached(self, texts: list[str]) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        for text, vector in zip(todo, super()._encode(todo)):
+            self._memo[text] = vector
+        return np.stack([self._memo[t] for t in texts]) if texts else super()._encode([])
+
+    def embed_passages(self, texts: list[str]) -> np.ndarray:
+        self.passages += len(texts)
+        return self._cached([self.passage_prefix + t for t in texts])
+
+    def embed_query(self, text: str) -> np.ndarray:
+        self.queries += 1
+        return self._cached([self.query_prefix + text])[0]
+
+
 @pytest.fixture(scope="session")
 def embedder(models_dir: Path) -> Embedder:
     resolved = ModelStore(models_dir).resolve(MINILM)
     return Embedder(resolved.path, name=MINILM)
+
+
+@pytest.fixture
+def memo_embedder(embedder: Embedder) -> MemoEmbedder:
+    return MemoEmbedder(embedder)
 
 
 def postgres_url() -> str:

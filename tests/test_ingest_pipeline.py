@@ -13,33 +13,11 @@ from sqlmodel import Session, select
 from app.db import make_engine
 from ingest.chunking import Chunker
 from ingest.pipeline import IngestPipeline
-from retrieval.embedder import Embedder
-from retrieval.search import DenseSearcher
+from retrieval.retriever import Retriever
+from security.principal import Principal
 from retrieval.store import KnowledgeBaseError, KnowledgeBaseStore
 from retrieval.tables import ChunkRow, DocumentRow
-from tests.conftest import SAMPLES
-
-
-class CountingEmbedder(Embedder):
-    """The real embedder, counting how many passages it was asked to embed.
-
-    Vectors are memoised across tests (same model, same text, same vector) so that the many full
-    ingests of the sample corpus do not each pay for the model again.
-    """
-
-    _memo: dict[str, np.ndarray] = {}
-
-    def __init__(self, inner: Embedder):
-        super().__init__(inner.model_path, name=inner.name)
-        self._model = inner.model
-        self.passages = 0
-
-    def embed_passages(self, texts: list[str]) -> np.ndarray:
-        self.passages += len(texts)
-        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
-        for text, vector in zip(todo, super().embed_passages(todo)):
-            self._memo[text] = vector
-        return np.stack([self._memo[t] for t in texts]) if texts else super().embed_passages([])
+from tests.conftest import SAMPLES, MemoEmbedder
 
 
 @pytest.fixture
@@ -50,17 +28,17 @@ def corpus(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def counting(embedder: Embedder) -> CountingEmbedder:
-    return CountingEmbedder(embedder)
+def counting(memo_embedder: MemoEmbedder) -> MemoEmbedder:
+    return memo_embedder
 
 
 @pytest.fixture
-def store(database_url: str, tmp_path: Path, counting: CountingEmbedder) -> KnowledgeBaseStore:
+def store(database_url: str, tmp_path: Path, counting: MemoEmbedder) -> KnowledgeBaseStore:
     return KnowledgeBaseStore(make_engine(database_url), tmp_path / "indexes", counting.name, counting.dimension)
 
 
 @pytest.fixture
-def pipeline(store: KnowledgeBaseStore, counting: CountingEmbedder) -> IngestPipeline:
+def pipeline(store: KnowledgeBaseStore, counting: MemoEmbedder) -> IngestPipeline:
     return IngestPipeline(store, counting, Chunker(400, 80), default_groups=["everyone"], batch_files=3)
 
 
@@ -79,7 +57,7 @@ def assert_consistent(store: KnowledgeBaseStore, kb: str) -> None:
             assert ordinals == list(range(doc.chunk_count)), doc.source
 
 
-def test_full_then_unchanged_run(pipeline: IngestPipeline, store: KnowledgeBaseStore, counting: CountingEmbedder, corpus: Path):
+def test_full_then_unchanged_run(pipeline: IngestPipeline, store: KnowledgeBaseStore, counting: MemoEmbedder, corpus: Path):
     first = pipeline.run(corpus, "kb1")
     files = [p for p in corpus.rglob("*") if p.is_file() and not p.name.startswith(".")]
     assert first.failed == 0, first.failures
@@ -111,7 +89,7 @@ def test_acl_file_and_cli_groups(pipeline: IngestPipeline, store: KnowledgeBaseS
 
 
 def test_changed_deleted_and_regrouped_files(
-    pipeline: IngestPipeline, store: KnowledgeBaseStore, counting: CountingEmbedder, corpus: Path
+    pipeline: IngestPipeline, store: KnowledgeBaseStore, counting: MemoEmbedder, corpus: Path
 ):
     pipeline.run(corpus, "kb1")
     before = {d.source: d for d in store.documents("kb1")}
@@ -140,7 +118,8 @@ def test_changed_deleted_and_regrouped_files(
     assert len(removed) == before["leave-policy.md"].chunk_count + before["holiday-calendar-2026.md"].chunk_count
     assert_consistent(store, "kb1")
 
-    hits = DenseSearcher(store, counting).search("how many days of annual leave", "kb1", groups=["everyone"], top_k=1)
+    reader = Principal("reader", groups=("everyone",))
+    hits = Retriever(store, counting).search("how many days of annual leave", "kb1", reader, top_k=1)
     assert hits[0].source == "leave-policy.md" and "40 days" in hits[0].text
 
 

@@ -62,16 +62,30 @@ def search(
     kb: Annotated[str | None, typer.Option("--kb", help="Knowledge base (default from config).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=100)] = 5,
     as_group: Annotated[
-        list[str] | None, typer.Option("--as-group", help="Search as a member of this group (repeatable); default: all documents.")
+        list[str] | None,
+        typer.Option("--as-group", help="Search as a member of this group (repeatable); default: all documents."),
     ] = None,
+    mode: Annotated[str, typer.Option("--mode", help="hybrid | dense | bm25")] = "hybrid",
+    source_prefix: Annotated[str | None, typer.Option("--source-prefix", help="Only sources under this path.")] = None,
+    file_type: Annotated[list[str] | None, typer.Option("--type", help="Only these file types (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Search a knowledge base (dense retrieval, access groups applied inside the search)."""
+    """Hybrid search (dense + BM25) of a knowledge base; access groups apply inside the search."""
+    from retrieval.retriever import SearchFilters
+    from security.principal import Principal
+
+    if mode not in ("hybrid", "dense", "bm25"):
+        raise typer.BadParameter("--mode must be hybrid, dense or bm25")
     container = State.container()
     kb = kb or container.settings.default_kb
-    # Everyone belongs to the default groups (documents nobody restricted), as in the service.
-    groups = sorted(set(as_group) | set(container.settings.ingest.default_groups)) if as_group else None
-    hits = container.searcher.search(query, kb, groups=groups, top_k=top_k)
+    if as_group:
+        # Everyone belongs to the default groups (documents nobody restricted), as in the service.
+        groups = tuple(sorted(set(as_group) | set(container.settings.ingest.default_groups)))
+        principal = Principal(subject="cli", role="user", groups=groups)
+    else:
+        principal = Principal(subject="cli", role="admin")  # the operator on the server sees all
+    filters = SearchFilters(source_prefix=source_prefix, file_types=tuple(file_type) if file_type else None)
+    hits = container.retriever.search(query, kb, principal, top_k=top_k, filters=filters, mode=mode)
     if as_json:
         out.print_json(json.dumps({"query": query, "kb": kb, "results": [h.__dict__ for h in hits]}, ensure_ascii=False))
         return
@@ -79,7 +93,11 @@ def search(
         out.print("no results")
     for rank, hit in enumerate(hits, 1):
         where = hit.source + (f" p.{hit.page}" if hit.page else "")
-        out.print(f"[bold]{rank}. {hit.title or hit.source}[/]  [dim]{where}  score {hit.score:.3f}[/]", highlight=False)
+        scores = " ".join(
+            f"{name} {value:.3f}" for name, value in
+            (("dense", hit.dense_score), ("bm25", hit.bm25_score), ("fused", hit.fused_score)) if value is not None
+        )
+        out.print(f"[bold]{rank}. {hit.title or hit.source}[/]  [dim]{where}  {scores}[/]", highlight=False)
         snippet = " ".join(hit.text.split())
         out.print(f"   {snippet[:300]}{'…' if len(snippet) > 300 else ''}", highlight=False)
 

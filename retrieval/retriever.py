@@ -1,0 +1,288 @@
+"""Permission-aware hybrid retrieval: dense (FAISS) + BM25, fused by reciprocal rank.
+
+The reader's groups and the metadata filters become one mask over the knowledge base's chunks
+before anything is scored: FAISS only scores permitted ids (an ID selector) and BM25 only counts
+permitted rows, statistics included. A principal therefore gets exactly the results, scores and
+counts they would get from a knowledge base holding only the chunks they may read.
+
+Each process loads a knowledge base once (indexes plus chunk metadata) and reloads it when an
+ingest, possibly in another process, publishes a newer index version.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+
+import numpy as np
+from sqlmodel import Session, select
+
+from retrieval.embedder import Embedder
+from retrieval.store import KnowledgeBaseStore
+from retrieval.tables import ChunkRow, DocumentRow, decode_groups
+from retrieval.text_analysis import tokenize
+from retrieval.vector_index import Manifest
+from security.principal import Principal
+
+Mode = Literal["hybrid", "dense", "bm25"]
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    source_prefix: str | None = None  # e.g. "hr/" (path relative to the ingested folder)
+    document_ids: tuple[int, ...] | None = None
+    file_types: tuple[str, ...] | None = None  # e.g. ("pdf", "docx")
+    modified_after: datetime | None = None
+    modified_before: datetime | None = None
+
+    def is_empty(self) -> bool:
+        return self == SearchFilters()
+
+
+@dataclass
+class RetrievedChunk:
+    chunk_id: int
+    document_id: int
+    source: str
+    title: str | None
+    page: int | None
+    heading: str | None
+    text: str
+    dense_score: float | None  # cosine similarity, None if not among the dense candidates
+    bm25_score: float | None  # BM25 over the reader's permitted chunks, None if no term matched
+    fused_score: float  # reciprocal-rank fusion
+    rerank_score: float | None = None
+
+
+@dataclass
+class RetrievalConfig:
+    dense_weight: float = 1.0
+    bm25_weight: float = 1.0
+    rrf_k: int = 60
+    candidates: int = 50  # per retriever, before fusion
+    mmr_lambda: float | None = None  # e.g. 0.7 for some diversity; None disables MMR
+    rerank_top_n: int = 20
+    query_cache_size: int = 1024
+
+
+class _Snapshot:
+    """One published version of a knowledge base: indexes and per-chunk metadata arrays."""
+
+    def __init__(self, store: KnowledgeBaseStore, kb: str):
+        self.vectors, self.lexical, manifest = store.load_indexes(kb)
+        self.version = manifest.version if manifest else None
+        with Session(store.engine) as session:
+            docs = session.exec(
+                select(DocumentRow.id, DocumentRow.source, DocumentRow.file_type, DocumentRow.groups, DocumentRow.modified_at)
+                .where(DocumentRow.kb == kb)
+                .order_by(DocumentRow.id)
+            ).all()
+            chunks = session.exec(
+                select(ChunkRow.id, ChunkRow.document_id).where(ChunkRow.kb == kb).order_by(ChunkRow.id)
+            ).all()
+        self.doc_ids = np.asarray([d[0] for d in docs], dtype=np.int64)
+        self.doc_sources = [d[1] for d in docs]
+        self.doc_types = np.asarray([d[2] for d in docs], dtype=object)
+        self.doc_groups = [frozenset(decode_groups(d[3])) for d in docs]
+        self.doc_modified = np.asarray(
+            [_epoch(d[4]) if d[4] is not None else np.nan for d in docs], dtype=np.float64
+        )
+        # Canonical chunk order: sorted ids (the lexical rows and FAISS ids map onto it).
+        self.chunk_ids = np.asarray([c[0] for c in chunks], dtype=np.int64)
+        self.chunk_doc = np.searchsorted(self.doc_ids, np.asarray([c[1] for c in chunks], dtype=np.int64))
+        self.lexical_pos = self.lexical.row_positions(self.chunk_ids)
+        self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def permitted_mask(self, principal: Principal, filters: SearchFilters) -> np.ndarray | None:
+        """Bool mask over chunks the principal may read and the filters keep; None = everything."""
+        if principal.reads_everything() and filters.is_empty():
+            return None
+        key = (principal.reads_everything(), frozenset(principal.groups), filters)
+        with self._lock:
+            if key in self._masks:
+                self._masks.move_to_end(key)
+                return self._masks[key]
+        doc_mask = np.ones(len(self.doc_ids), dtype=bool)
+        if not principal.reads_everything():
+            groups = set(principal.groups)
+            doc_mask &= np.fromiter((not g.isdisjoint(groups) for g in self.doc_groups), dtype=bool, count=len(self.doc_groups))
+        if filters.source_prefix:
+            doc_mask &= np.fromiter((s.startswith(filters.source_prefix) for s in self.doc_sources), dtype=bool, count=len(self.doc_sources))
+        if filters.document_ids is not None:
+            doc_mask &= np.isin(self.doc_ids, np.asarray(filters.document_ids, dtype=np.int64))
+        if filters.file_types is not None:
+            doc_mask &= np.isin(self.doc_types, list(filters.file_types))
+        if filters.modified_after is not None:
+            doc_mask &= self.doc_modified >= _epoch(filters.modified_after)
+        if filters.modified_before is not None:
+            doc_mask &= self.doc_modified < _epoch(filters.modified_before)
+        mask = doc_mask[self.chunk_doc] if len(self.chunk_doc) else np.zeros(0, dtype=bool)
+        with self._lock:
+            self._masks[key] = mask
+            while len(self._masks) > 256:
+                self._masks.popitem(last=False)
+        return mask
+
+    def lexical_mask(self, mask: np.ndarray | None) -> np.ndarray | None:
+        if mask is None:
+            return self.lexical_pos >= 0
+        return np.append(mask, False)[self.lexical_pos]  # position -1 (not a current chunk) -> False
+
+
+def _epoch(value: datetime) -> float:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+@dataclass
+class _Candidate:
+    chunk_id: int
+    dense: float | None = None
+    bm25: float | None = None
+    fused: float = 0.0
+
+
+@dataclass
+class Retriever:
+    store: KnowledgeBaseStore
+    embedder: Embedder
+    config: RetrievalConfig = field(default_factory=RetrievalConfig)
+    reranker: object | None = None  # a sentence_transformers CrossEncoder, when configured
+
+    def __post_init__(self) -> None:
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # Knowledge-base snapshots ---------------------------------------------------------------
+    def snapshot(self, kb: str) -> _Snapshot:
+        """The loaded knowledge base, reloaded when a newer index version has been published."""
+        manifest = Manifest.read(self.store.directory(kb).path)
+        version = manifest.version if manifest else None
+        current = self._snapshots.get(kb)
+        if current is not None and current.version == version:
+            return current
+        with self._lock:
+            current = self._snapshots.get(kb)
+            if current is None or current.version != version:
+                self.store.get_kb(kb)  # clear error for an unknown knowledge base
+                current = _Snapshot(self.store, kb)
+                self._snapshots[kb] = current
+        return current
+
+    def embed_query(self, query: str) -> np.ndarray:
+        with self._lock:
+            cached = self._query_cache.get(query)
+            if cached is not None:
+                self._query_cache.move_to_end(query)
+                return cached
+        vector = self.embedder.embed_query(query)
+        with self._lock:
+            self._query_cache[query] = vector
+            while len(self._query_cache) > self.config.query_cache_size:
+                self._query_cache.popitem(last=False)
+        return vector
+
+    # Search -----------------------------------------------------------------------------------
+    def search(
+        self,
+        query: str,
+        kb: str,
+        principal: Principal,
+        top_k: int = 5,
+        filters: SearchFilters | None = None,
+        mode: Mode = "hybrid",
+        query_vector: np.ndarray | None = None,
+    ) -> list[RetrievedChunk]:
+        if principal.knowledge_base is not None and principal.knowledge_base != kb:
+            return []  # a service account pinned to another knowledge base sees nothing here
+        filters = filters or SearchFilters()
+        snap = self.snapshot(kb)
+        mask = snap.permitted_mask(principal, filters)
+        if (mask is not None and not mask.any()) or len(snap.chunk_ids) == 0 or not query.strip():
+            return []
+        want = max(top_k, self.config.candidates)
+        candidates: dict[int, _Candidate] = {}
+        if mode in ("hybrid", "dense"):
+            vector = query_vector if query_vector is not None else self.embed_query(query)
+            allowed = None if mask is None else snap.chunk_ids[mask]
+            scores, ids = snap.vectors.search(vector, want, allowed_ids=allowed)
+            self._fuse(candidates, ids, scores, "dense", self.config.dense_weight)
+        if mode in ("hybrid", "bm25"):
+            scores, ids = snap.lexical.search(tokenize(query), want, snap.lexical_mask(mask))
+            self._fuse(candidates, ids, scores, "bm25", self.config.bm25_weight)
+        ranked = sorted(candidates.values(), key=lambda c: (-c.fused, c.chunk_id))
+        pool = ranked[: max(top_k, self.config.rerank_top_n if self.reranker else top_k, want if self.config.mmr_lambda else 0)]
+        results = self._materialise(pool, principal)
+        if self.reranker is not None and results:
+            results = self._rerank(query, results[: self.config.rerank_top_n])
+        if self.config.mmr_lambda is not None and len(results) > top_k:
+            results = self._mmr(results, snap, self.config.mmr_lambda, top_k)
+        return results[:top_k]
+
+    def _fuse(self, candidates: dict[int, _Candidate], ids: np.ndarray, scores: np.ndarray, kind: str, weight: float) -> None:
+        for rank, (chunk_id, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1):
+            candidate = candidates.setdefault(chunk_id, _Candidate(chunk_id))
+            setattr(candidate, kind, float(score))
+            candidate.fused += weight / (self.config.rrf_k + rank)
+
+    def _materialise(self, pool: list[_Candidate], principal: Principal) -> list[RetrievedChunk]:
+        rows = self.store.chunks([c.chunk_id for c in pool])
+        doc_ids = {row.document_id for row in rows.values()}
+        with Session(self.store.engine) as session:
+            docs = {
+                d.id: d for d in session.exec(select(DocumentRow).where(DocumentRow.id.in_(doc_ids)))
+            } if doc_ids else {}
+        groups = set(principal.groups)
+        results = []
+        for candidate in pool:
+            row = rows.get(candidate.chunk_id)
+            if row is None:  # removed by an ingest since the snapshot was loaded
+                continue
+            # Defence in depth: the row's current groups are checked again, so an ACL narrowed by
+            # an ingest that has not yet published its index can never widen what is returned.
+            if not principal.reads_everything() and groups.isdisjoint(decode_groups(row.groups)):
+                continue
+            doc = docs[row.document_id]
+            results.append(RetrievedChunk(
+                chunk_id=row.id, document_id=row.document_id, source=doc.source, title=doc.title, page=row.page,
+                heading=row.heading, text=row.text, dense_score=candidate.dense, bm25_score=candidate.bm25,
+                fused_score=candidate.fused,
+            ))
+        return results
+
+    def _rerank(self, query: str, results: list[RetrievedChunk]) -> list[RetrievedChunk]:
+        scores = self.reranker.predict([(query, r.text) for r in results], show_progress_bar=False)
+        for result, score in zip(results, np.asarray(scores, dtype=np.float32).reshape(-1).tolist()):
+            result.rerank_score = float(score)
+        return sorted(results, key=lambda r: (-r.rerank_score, r.chunk_id))
+
+    def _mmr(self, results: list[RetrievedChunk], snap: _Snapshot, lam: float, top_k: int) -> list[RetrievedChunk]:
+        """Maximal marginal relevance: trade relevance (rank order) against similarity to picks."""
+        rows = self.store.chunks([r.chunk_id for r in results])
+        vectors = np.stack([np.frombuffer(rows[r.chunk_id].embedding, dtype=np.float32) for r in results])
+        relevance = np.linspace(1.0, 0.0, num=len(results), endpoint=False)  # rank-based, in [0, 1]
+        chosen: list[int] = []
+        remaining = list(range(len(results)))
+        while remaining and len(chosen) < top_k:
+            if chosen:
+                similarity = (vectors[remaining] @ vectors[chosen].T).max(axis=1)
+            else:
+                similarity = np.zeros(len(remaining))
+            best = remaining[int(np.argmax(lam * relevance[remaining] - (1 - lam) * similarity))]
+            chosen.append(best)
+            remaining.remove(best)
+        return [results[i] for i in chosen]
+
+
+def make_reranker(model_path: str, device: str = "cpu"):
+    """A local cross-encoder folder (e.g. bge-reranker); loaded only when configured."""
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(model_path, device=device, local_files_only=True)
+
