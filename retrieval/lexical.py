@@ -112,23 +112,26 @@ class LexicalIndex:
             return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
         avgdl = float(self.lengths[mask].mean()) or 1.0
         indptr, indices, data = self._matrix.indptr, self._matrix.indices, self._matrix.data
-        touched: list[np.ndarray] = []
+        matched = False
         accumulated = np.zeros(len(self.chunk_ids), dtype=np.float32)
+        everything = n_docs == len(self.chunk_ids)  # no filter, no tombstones: skip the masking
+        length_norm = np.float32(K1 * B / avgdl)
         for term, query_count in query.items():
             column = self.vocab[term]
             rows = indices[indptr[column] : indptr[column + 1]]
             tf = data[indptr[column] : indptr[column + 1]]
-            keep = mask[rows]
-            rows, tf = rows[keep], tf[keep]
+            if not everything:
+                keep = mask[rows]
+                rows, tf = rows[keep], tf[keep]
             if len(rows) == 0:
                 continue
-            idf = np.log1p((n_docs - len(rows) + 0.5) / (len(rows) + 0.5))
-            norm = tf + K1 * (1.0 - B + B * self.lengths[rows] / avgdl)
-            accumulated[rows] += query_count * idf * tf * (K1 + 1.0) / norm
-            touched.append(rows)
-        if not touched:
+            idf = np.float32(np.log1p((n_docs - len(rows) + 0.5) / (len(rows) + 0.5)))
+            norm = tf + np.float32(K1 * (1.0 - B)) + length_norm * self.lengths[rows]
+            accumulated[rows] += query_count * idf * tf * (K1 + 1.0) / norm  # rows are unique per term
+            matched = True
+        if not matched:
             return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
-        candidates = np.unique(np.concatenate(touched))
+        candidates = np.flatnonzero(accumulated)  # a linear scan beats sorting the postings
         cand_scores = accumulated[candidates]
         if len(candidates) > k:
             top = np.argpartition(-cand_scores, k - 1)[:k]

@@ -24,7 +24,7 @@ from retrieval.embedder import Embedder
 from retrieval.store import KnowledgeBaseStore
 from retrieval.tables import ChunkRow, DocumentRow, decode_groups
 from retrieval.text_analysis import tokenize
-from retrieval.vector_index import Manifest
+from retrieval.vector_index import IdFilter, Manifest
 from security.principal import Principal
 
 Mode = Literal["hybrid", "dense", "bm25"]
@@ -94,18 +94,27 @@ class _Snapshot:
         self.chunk_ids = np.asarray([c[0] for c in chunks], dtype=np.int64)
         self.chunk_doc = np.searchsorted(self.doc_ids, np.asarray([c[1] for c in chunks], dtype=np.int64))
         self.lexical_pos = self.lexical.row_positions(self.chunk_ids)
-        self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._masks: OrderedDict[tuple, _Permitted] = OrderedDict()
         self._lock = threading.Lock()
 
-    def permitted_mask(self, principal: Principal, filters: SearchFilters) -> np.ndarray | None:
-        """Bool mask over chunks the principal may read and the filters keep; None = everything."""
-        if principal.reads_everything() and filters.is_empty():
-            return None
+    def permitted(self, principal: Principal, filters: SearchFilters) -> "_Permitted":
+        """What the principal may read and the filters keep, cached per (groups, filters)."""
         key = (principal.reads_everything(), frozenset(principal.groups), filters)
         with self._lock:
             if key in self._masks:
                 self._masks.move_to_end(key)
                 return self._masks[key]
+        permitted = _Permitted(self, self._mask(principal, filters))
+        with self._lock:
+            self._masks[key] = permitted
+            while len(self._masks) > 256:
+                self._masks.popitem(last=False)
+        return permitted
+
+    def _mask(self, principal: Principal, filters: SearchFilters) -> np.ndarray | None:
+        """Bool mask over chunks; None = everything."""
+        if principal.reads_everything() and filters.is_empty():
+            return None
         doc_mask = np.ones(len(self.doc_ids), dtype=bool)
         if not principal.reads_everything():
             groups = set(principal.groups)
@@ -120,17 +129,20 @@ class _Snapshot:
             doc_mask &= self.doc_modified >= _epoch(filters.modified_after)
         if filters.modified_before is not None:
             doc_mask &= self.doc_modified < _epoch(filters.modified_before)
-        mask = doc_mask[self.chunk_doc] if len(self.chunk_doc) else np.zeros(0, dtype=bool)
-        with self._lock:
-            self._masks[key] = mask
-            while len(self._masks) > 256:
-                self._masks.popitem(last=False)
-        return mask
+        return doc_mask[self.chunk_doc] if len(self.chunk_doc) else np.zeros(0, dtype=bool)
 
-    def lexical_mask(self, mask: np.ndarray | None) -> np.ndarray | None:
+
+class _Permitted:
+    """One reader's view of a snapshot: the chunk mask in the forms each index consumes."""
+
+    def __init__(self, snapshot: _Snapshot, mask: np.ndarray | None):
+        self.mask = mask
+        self.empty = mask is not None and not mask.any()
+        self.id_filter = IdFilter(snapshot.chunk_ids[mask]) if mask is not None and not self.empty else None
         if mask is None:
-            return self.lexical_pos >= 0
-        return np.append(mask, False)[self.lexical_pos]  # position -1 (not a current chunk) -> False
+            self.lexical_mask = snapshot.lexical_pos >= 0
+        else:  # lexical rows that are not current chunks have position -1 -> False
+            self.lexical_mask = np.append(mask, False)[snapshot.lexical_pos]
 
 
 def _epoch(value: datetime) -> float:
@@ -203,18 +215,17 @@ class Retriever:
             return []  # a service account pinned to another knowledge base sees nothing here
         filters = filters or SearchFilters()
         snap = self.snapshot(kb)
-        mask = snap.permitted_mask(principal, filters)
-        if (mask is not None and not mask.any()) or len(snap.chunk_ids) == 0 or not query.strip():
+        permitted = snap.permitted(principal, filters)
+        if permitted.empty or len(snap.chunk_ids) == 0 or not query.strip():
             return []
         want = max(top_k, self.config.candidates)
         candidates: dict[int, _Candidate] = {}
         if mode in ("hybrid", "dense"):
             vector = query_vector if query_vector is not None else self.embed_query(query)
-            allowed = None if mask is None else snap.chunk_ids[mask]
-            scores, ids = snap.vectors.search(vector, want, allowed_ids=allowed)
+            scores, ids = snap.vectors.search(vector, want, allowed_ids=permitted.id_filter)
             self._fuse(candidates, ids, scores, "dense", self.config.dense_weight)
         if mode in ("hybrid", "bm25"):
-            scores, ids = snap.lexical.search(tokenize(query), want, snap.lexical_mask(mask))
+            scores, ids = snap.lexical.search(tokenize(query), want, permitted.lexical_mask)
             self._fuse(candidates, ids, scores, "bm25", self.config.bm25_weight)
         ranked = sorted(candidates.values(), key=lambda c: (-c.fused, c.chunk_id))
         pool = ranked[: max(top_k, self.config.rerank_top_n if self.reranker else top_k, want if self.config.mmr_lambda else 0)]

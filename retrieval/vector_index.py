@@ -74,6 +74,25 @@ class Manifest:
             return None
 
 
+class IdFilter:
+    """A set of permitted ids in the form FAISS tests fastest, built once and reused per search.
+
+    A bitmap over the id range answers membership with one shift and mask per scanned vector;
+    building an ``IDSelectorBatch`` hash set for every query cost more than the search itself.
+    """
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = np.ascontiguousarray(ids, dtype=np.int64)
+        upper = int(self.ids.max()) + 1 if len(self.ids) else 1
+        bits = np.zeros(upper, dtype=bool)
+        bits[self.ids] = True
+        self._bitmap = np.packbits(bits, bitorder="little")  # FAISS keeps a pointer: hold the array
+        self.selector = faiss.IDSelectorBitmap(len(self._bitmap), faiss.swig_ptr(self._bitmap))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 class VectorIndex:
     """Inner-product search over normalised vectors (cosine similarity) keyed by chunk ids.
 
@@ -139,7 +158,7 @@ class VectorIndex:
         return int(self.index.remove_ids(faiss.IDSelectorBatch(len(id_array), faiss.swig_ptr(id_array))))
 
     def search(
-        self, query: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+        self, query: np.ndarray, k: int, allowed_ids: np.ndarray | IdFilter | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids); with ``allowed_ids`` the restriction is applied inside FAISS.
 
@@ -149,14 +168,13 @@ class VectorIndex:
         whenever k exist.
         """
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dimension)
+        if allowed_ids is not None and not isinstance(allowed_ids, IdFilter):
+            allowed_ids = IdFilter(allowed_ids)
         available = len(self) if allowed_ids is None else len(allowed_ids)
         k = min(k, len(self), available)
         if k <= 0:
             return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int64)
-        selector = None
-        if allowed_ids is not None:
-            allowed = np.ascontiguousarray(allowed_ids, dtype=np.int64)
-            selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+        selector = allowed_ids.selector if allowed_ids is not None else None
         if self.kind == "flat":
             params = faiss.SearchParameters(sel=selector) if selector is not None else None
             scores, ids = self.index.search(query, k, params=params)
