@@ -93,6 +93,12 @@ class RetrievalSettings(BaseModel):
     query_cache_size: int = Field(1024, ge=0)
 
 
+class SecuritySettings(BaseModel):
+    # Secret for the keyed hash of API keys. Default: generated once into
+    # <data dir>/secrets/api-key.secret (mode 0600). Several replicas must share one value.
+    api_key_secret: SecretStr | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ENCLAVE_",
@@ -109,6 +115,7 @@ class Settings(BaseSettings):
     chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @classmethod

@@ -15,7 +15,9 @@ app = typer.Typer(help="Enclave: self-hosted, permission-aware retrieval-augment
 models_app = typer.Typer(help="Offline model provisioning.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (shown once, stored only as a keyed hash).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 
@@ -100,6 +102,58 @@ def search(
         out.print(f"[bold]{rank}. {hit.title or hit.source}[/]  [dim]{where}  {scores}[/]", highlight=False)
         snippet = " ".join(hit.text.split())
         out.print(f"   {snippet[:300]}{'…' if len(snippet) > 300 else ''}", highlight=False)
+
+
+@keys_app.command("create")
+@cli_errors
+def keys_create(
+    name: Annotated[str, typer.Argument(help="What the key is for, e.g. 'helpdesk-bot'.")],
+    role: Annotated[str, typer.Option(help="admin | user | service")] = "user",
+    groups: Annotated[str | None, typer.Option(help="Comma-separated access groups.")] = None,
+    kb: Annotated[str | None, typer.Option("--kb", help="Pin the key to one knowledge base (service bots).")] = None,
+    expires_days: Annotated[int | None, typer.Option("--expires-days", min=1, help="Expire after N days.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Create an API key and print it once; only its keyed hash is stored."""
+    from datetime import timedelta
+
+    group_list = [g.strip() for g in (groups or "").split(",") if g.strip()]
+    token, info = State.container().api_keys.create(
+        name, role, group_list, kb, timedelta(days=expires_days) if expires_days else None
+    )
+    if as_json:
+        out.print_json(json.dumps({"key": token, **_key_dict(info)}, default=str))
+        return
+    out.print(f"API key [bold]{info.key_id}[/] ({info.role}) created. Copy it now, it is not shown again:")
+    out.print(token, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("list")
+@cli_errors
+def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List API keys (ids, roles, groups, expiry; never the keys)."""
+    keys = State.container().api_keys.list()
+    if as_json:
+        out.print_json(json.dumps([_key_dict(k) for k in keys], default=str))
+        return
+    table = Table("id", "name", "role", "groups", "kb", "created", "expires", "state", "last used")
+    for k in keys:
+        state = "revoked" if k.revoked_at else ("active" if k.active else "expired")
+        table.add_row(k.key_id, k.name, k.role, ",".join(k.groups), k.knowledge_base or "-", str(k.created_at)[:16],
+                      str(k.expires_at or "-")[:16], state, str(k.last_used_at or "-")[:16])
+    out.print(table)
+
+
+@keys_app.command("revoke")
+@cli_errors
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id shown by `enclave keys list`.")]) -> None:
+    """Revoke an API key immediately."""
+    info = State.container().api_keys.revoke(key_id)
+    out.print(f"revoked {info.key_id} ({info.name})")
+
+
+def _key_dict(info) -> dict:
+    return {**info.__dict__, "active": info.active}
 
 
 @db_app.command("upgrade")

@@ -4,6 +4,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import retrieval.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
+import security.tables  # noqa: F401
 
 target_metadata = SQLModel.metadata
 

@@ -1,0 +1,130 @@
+"""API keys: random tokens shown once, stored only as a keyed hash (HMAC-SHA256 with a server secret)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from security.principal import Principal
+from security.tables import ApiKeyRow, utcnow
+
+TOKEN_PREFIX = "enc"
+_TOKEN = re.compile(rf"{TOKEN_PREFIX}_([a-z0-9]{{12}})_([A-Za-z0-9_-]{{43}})")
+ROLES = ("admin", "user", "service")
+_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+
+
+class ApiKeyError(Exception):
+    """Invalid request about keys (unknown id, bad role, ...); never raised with a token in it."""
+
+
+@dataclass
+class ApiKeyInfo:
+    key_id: str
+    name: str
+    role: str
+    groups: list[str]
+    knowledge_base: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        now = utcnow()
+        return self.revoked_at is None and (self.expires_at is None or _aware(self.expires_at) > now)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _info(row: ApiKeyRow) -> ApiKeyInfo:
+    return ApiKeyInfo(row.key_id, row.name, row.role, json.loads(row.groups), row.knowledge_base, row.created_at,
+                      row.expires_at, row.revoked_at, row.last_used_at)
+
+
+class ApiKeyService:
+    def __init__(self, engine: Engine, secret: bytes):
+        if len(secret) < 32:
+            raise ValueError("the API-key secret must be at least 32 bytes")
+        self.engine = engine
+        self._secret = secret
+
+    def _hash(self, token: str) -> str:
+        return hmac.new(self._secret, token.encode(), hashlib.sha256).hexdigest()
+
+    def create(
+        self,
+        name: str,
+        role: str = "user",
+        groups: list[str] | tuple[str, ...] = (),
+        knowledge_base: str | None = None,
+        expires_in: timedelta | None = None,
+    ) -> tuple[str, ApiKeyInfo]:
+        """Returns (token, info). The token is not stored anywhere: show it once."""
+        if role not in ROLES:
+            raise ApiKeyError(f"role must be one of {', '.join(ROLES)}")
+        bad = [g for g in groups if not _GROUP.fullmatch(g)]
+        if bad:
+            raise ApiKeyError(f"invalid group name {bad[0]!r}")
+        if not name.strip() or len(name) > 128:
+            raise ApiKeyError("a key needs a name of 1-128 characters")
+        key_id = secrets.token_hex(6)
+        token = f"{TOKEN_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+        row = ApiKeyRow(
+            key_id=key_id, name=name.strip(), key_hash=self._hash(token), role=role,
+            groups=json.dumps(sorted(set(groups))), knowledge_base=knowledge_base,
+            expires_at=utcnow() + expires_in if expires_in else None,
+        )
+        with Session(self.engine) as session:
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+            return token, _info(row)
+
+    def authenticate(self, token: str) -> tuple[Principal, ApiKeyInfo] | None:
+        """The principal for a valid, active token; None otherwise (no reason is leaked)."""
+        match = _TOKEN.fullmatch(token.strip())
+        if match is None:
+            return None
+        with Session(self.engine) as session:
+            row = session.get(ApiKeyRow, match.group(1))
+            expected = row.key_hash if row is not None else self._hash("absent")
+            valid = hmac.compare_digest(expected, self._hash(token.strip())) and row is not None
+            if not valid:
+                return None
+            info = _info(row)
+            if not info.active:
+                return None
+            row.last_used_at = utcnow()
+            session.add(row)
+            session.commit()
+        principal = Principal(subject=f"key:{info.key_id}", role=info.role, groups=tuple(info.groups),
+                              knowledge_base=info.knowledge_base)
+        return principal, info
+
+    def list(self) -> list[ApiKeyInfo]:
+        with Session(self.engine) as session:
+            return [_info(r) for r in session.exec(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
+
+    def revoke(self, key_id: str) -> ApiKeyInfo:
+        with Session(self.engine) as session:
+            row = session.get(ApiKeyRow, key_id)
+            if row is None:
+                raise ApiKeyError(f"no API key with id {key_id!r}")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+                session.add(row)
+                session.commit()
+                session.refresh(row)
+            return _info(row)
