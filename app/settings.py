@@ -99,6 +99,15 @@ class SecuritySettings(BaseModel):
     api_key_secret: SecretStr | None = None
 
 
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, description="processes; each loads its own model copy")
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    max_body_mb: float = Field(60.0, gt=0, description="request body cap (uploads included)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ENCLAVE_",
@@ -116,6 +125,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @classmethod

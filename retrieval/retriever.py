@@ -187,6 +187,11 @@ class Retriever:
                 self._snapshots[kb] = current
         return current
 
+    def forget(self, kb: str) -> None:
+        """Drop a loaded knowledge base (after it was deleted)."""
+        with self._lock:
+            self._snapshots.pop(kb, None)
+
     def embed_query(self, query: str) -> np.ndarray:
         with self._lock:
             cached = self._query_cache.get(query)

@@ -156,6 +156,31 @@ def _key_dict(info) -> dict:
     return {**info.__dict__, "active": info.active}
 
 
+@app.command("serve")
+@cli_errors
+def serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (default from config: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default from config: 8000).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (each loads the model).")] = None,
+) -> None:
+    """Run the API and web pages under uvicorn (TLS when server.tls_certfile/keyfile are set)."""
+    import uvicorn
+
+    settings = State.container().settings
+    cfg = settings.server
+    host, port, workers = host or cfg.host, port or cfg.port, workers or cfg.workers
+    scheme = "https" if cfg.tls_certfile else "http"
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    out.print(f"Enclave serving on [bold]{scheme}://{shown}:{port}/[/] (API docs at /docs); "
+              "sign in with an API key (`enclave keys create NAME --role admin`).", highlight=False)
+    uvicorn.run(
+        "app.api.asgi:factory", factory=True, host=host, port=port, workers=workers,
+        ssl_certfile=str(cfg.tls_certfile) if cfg.tls_certfile else None,
+        ssl_keyfile=str(cfg.tls_keyfile) if cfg.tls_keyfile else None,
+        log_level="info", proxy_headers=False,
+    )
+
+
 @db_app.command("upgrade")
 @cli_errors
 def db_upgrade() -> None:

@@ -1,0 +1,65 @@
+"""The FastAPI application: OpenAI-compatible API, admin API, health, and the web pages."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from app.api import errors
+from app.api.routers import admin, chat, health, models, search
+from app.container import Container
+
+log = logging.getLogger("enclave.api")
+WEB = Path(__file__).resolve().parent.parent / "web"
+
+
+def create_app(container: Container) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Build the heavy parts once, before the first request: database, embedder, model.
+        await run_in_threadpool(lambda: (container.engine, container.kb_store, container.embedder.model))
+        engine = container.generation_engine
+        await engine.start()
+        container.generation_ready = True
+        log.info("generation engine ready: %s", engine.name)
+        try:
+            yield
+        finally:
+            container.generation_ready = False
+            await engine.close()
+
+    app = FastAPI(
+        title="Enclave", version="0.1.0", lifespan=lifespan,
+        description="Self-hosted, permission-aware retrieval-augmented assistant. OpenAI-compatible.",
+    )
+    app.state.container = container
+    errors.install(app)
+    max_body = int(container.settings.server.max_body_mb * 1024 * 1024)
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return errors.error_response(413, f"request body larger than {max_body // 2**20} MiB", "body_too_large")
+        return await call_next(request)
+
+    for module in (health, models, search, chat, admin):
+        app.include_router(module.router)
+    if WEB.is_dir():
+        app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index():
+            return FileResponse(WEB / "index.html")
+
+        @app.get("/admin", include_in_schema=False)
+        async def admin_page():
+            return FileResponse(WEB / "admin.html")
+
+    return app

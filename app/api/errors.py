@@ -1,0 +1,76 @@
+"""Errors in the OpenAI format: {"error": {"message", "type", "param", "code"}}, never a bare 500."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llm.engine import EngineBusy, EngineError, PromptTooLong
+from retrieval.store import KnowledgeBaseError
+
+log = logging.getLogger("enclave.api")
+
+_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
+    422: "invalid_request_error", 429: "rate_limit_error", 503: "server_busy_error",
+}
+
+
+class ApiError(HTTPException):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers)
+        self.code, self.param = code, param
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return error_response(exc.status_code, str(exc.detail), exc.code, exc.param, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return error_response(400, f"{param + ': ' if param else ''}{first.get('msg')}", "invalid_request", param)
+
+    @app.exception_handler(PromptTooLong)
+    async def _too_long(_: Request, exc: PromptTooLong):
+        return error_response(400, str(exc), "context_length_exceeded", "messages")
+
+    @app.exception_handler(EngineBusy)
+    async def _busy(_: Request, exc: EngineBusy):
+        return error_response(503, str(exc), "server_busy", headers={"Retry-After": "2"})
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError):
+        return error_response(502, f"generation failed: {exc}", "engine_error")
+
+    @app.exception_handler(KnowledgeBaseError)
+    async def _kb(_: Request, exc: KnowledgeBaseError):
+        status = 404 if "unknown knowledge base" in str(exc) else 400
+        return error_response(status, str(exc), "knowledge_base")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # Logged with the request path only: bodies may hold questions or documents.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal error; see the server log", "internal_error")

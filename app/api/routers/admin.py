@@ -1,0 +1,145 @@
+"""Administration: knowledge bases, documents (upload goes through the ingestion pipeline), API keys."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from app.api.deps import container, require
+from app.api.errors import ApiError
+from app.container import Container
+from ingest.loaders import file_type_for
+from security.api_keys import ApiKeyError
+from security.principal import Principal
+
+router = APIRouter(tags=["admin"])
+admin = require()  # administrators only
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+_SAFE_NAME = re.compile(r"[^\w.\- ]+", re.UNICODE)
+
+
+class KnowledgeBaseIn(BaseModel):
+    name: str = Field(..., min_length=1, max_length=128)
+
+
+@router.get("/v1/knowledge_bases", summary="Knowledge bases with document and chunk counts")
+async def list_kbs(c: Container = Depends(container), who: Principal = Depends(require("user", "service"))) -> dict:
+    names = await run_in_threadpool(c.kb_store.list_kbs)
+    if who.knowledge_base is not None:
+        names = [n for n in names if n == who.knowledge_base]
+    if not who.is_admin:  # counts would tell non-admins how much they cannot see
+        return {"data": [{"name": n} for n in names]}
+    stats = [await run_in_threadpool(c.kb_store.stats, n) for n in names]
+    return {"data": [{"name": s.name, "documents": s.documents, "chunks": s.chunks, "index_version": s.index_version}
+                     for s in stats]}
+
+
+@router.post("/v1/knowledge_bases", status_code=201, summary="Create a knowledge base")
+async def create_kb(body: KnowledgeBaseIn, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    await run_in_threadpool(c.kb_store.ensure_kb, body.name)
+    return {"name": body.name}
+
+
+@router.delete("/v1/knowledge_bases/{name}", summary="Delete a knowledge base with all its documents")
+async def delete_kb(name: str, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    await run_in_threadpool(c.kb_store.get_kb, name)
+    await run_in_threadpool(c.kb_store.delete_kb, name)
+    c.retriever.forget(name)
+    return {"name": name, "deleted": True}
+
+
+@router.get("/v1/knowledge_bases/{name}/documents", summary="Documents of a knowledge base")
+async def list_documents(name: str, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    await run_in_threadpool(c.kb_store.get_kb, name)
+    docs = await run_in_threadpool(c.kb_store.documents, name)
+    return {"data": [{"id": d.id, "source": d.source, "title": d.title, "file_type": d.file_type,
+                      "groups": json.loads(d.groups), "chunks": d.chunk_count, "size": d.size,
+                      "ingested_at": d.ingested_at.isoformat() if d.ingested_at else None} for d in docs]}
+
+
+@router.post("/v1/knowledge_bases/{name}/documents", status_code=201, summary="Upload and ingest a document")
+async def upload_document(
+    name: str, file: UploadFile = File(...), groups: str = Form(""),
+    c: Container = Depends(container), _: Principal = Depends(admin),
+) -> dict:
+    filename = _SAFE_NAME.sub("_", Path(file.filename or "").name).strip(" .")
+    if not filename or file_type_for(Path(filename)) is None:
+        raise ApiError(415, "unsupported or missing file name; supported: .txt .md .rst .html .pdf .docx .csv",
+                       "unsupported_file_type", "file")
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ApiError(413, f"files may be at most {MAX_UPLOAD_BYTES // 2**20} MiB", "file_too_large", "file")
+    await run_in_threadpool(c.kb_store.ensure_kb, name)
+    folder = c.settings.resolved_data_dir / "uploads" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / filename
+    await run_in_threadpool(target.write_bytes, data)
+    group_list = [g.strip() for g in groups.split(",") if g.strip()] or None
+    report = await run_in_threadpool(lambda: c.pipeline.run(target, name, group_list))
+    if report.failed:
+        target.unlink(missing_ok=True)
+        raise ApiError(400, f"{filename}: {report.failures[0].reason}", "unreadable_document", "file")
+    doc = next(d for d in c.kb_store.documents(name, root=str(folder)) if d.source == filename)
+    return {"id": doc.id, "source": doc.source, "chunks": doc.chunk_count, "groups": json.loads(doc.groups),
+            "added": report.added, "updated": report.updated}
+
+
+@router.delete("/v1/knowledge_bases/{name}/documents/{document_id}", summary="Remove a document")
+async def delete_document(name: str, document_id: int, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    removed = await run_in_threadpool(c.pipeline.remove, name, str(document_id))
+    if not removed:
+        raise ApiError(404, f"no document {document_id} in {name!r}", "document_not_found", "document_id")
+    return {"id": document_id, "deleted": True}
+
+
+@router.get("/v1/ingest/runs", summary="Recent ingestion runs and their status")
+async def ingest_runs(c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    runs = await run_in_threadpool(c.kb_store.recent_runs, 20)
+    return {"data": [{**r, "started_at": str(r["started_at"]), "finished_at": str(r["finished_at"] or "")} for r in runs]}
+
+
+class KeyIn(BaseModel):
+    name: str = Field(..., min_length=1, max_length=128)
+    role: str = Field("user", pattern="^(admin|user|service)$")
+    groups: list[str] = Field(default_factory=list, max_length=50)
+    knowledge_base: str | None = Field(None, max_length=128)
+    expires_days: int | None = Field(None, ge=1, le=3650)
+
+
+@router.get("/v1/keys", summary="API keys (never the secrets)")
+async def list_keys(c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    keys = await run_in_threadpool(c.api_keys.list)
+    return {"data": [_key(k) for k in keys]}
+
+
+@router.post("/v1/keys", status_code=201, summary="Create an API key; the key is returned once")
+async def create_key(body: KeyIn, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    try:
+        token, info = await run_in_threadpool(
+            c.api_keys.create, body.name, body.role, body.groups, body.knowledge_base,
+            timedelta(days=body.expires_days) if body.expires_days else None)
+    except ApiKeyError as exc:
+        raise ApiError(400, str(exc), "invalid_key_request") from None
+    return {"key": token, **_key(info)}
+
+
+@router.delete("/v1/keys/{key_id}", summary="Revoke an API key")
+async def revoke_key(key_id: str, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    try:
+        info = await run_in_threadpool(c.api_keys.revoke, key_id)
+    except ApiKeyError as exc:
+        raise ApiError(404, str(exc), "key_not_found", "key_id") from None
+    return _key(info)
+
+
+def _key(info) -> dict:
+    return {"id": info.key_id, "name": info.name, "role": info.role, "groups": info.groups,
+            "knowledge_base": info.knowledge_base, "active": info.active,
+            "created_at": info.created_at.isoformat(), "expires_at": info.expires_at.isoformat() if info.expires_at else None,
+            "revoked_at": info.revoked_at.isoformat() if info.revoked_at else None}

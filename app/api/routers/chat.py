@@ -1,0 +1,172 @@
+"""POST /v1/chat/completions (OpenAI schema, retrieval-augmented), conversations and feedback."""
+
+from __future__ import annotations
+
+import json
+from contextlib import aclosing
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import check_kb_access, container, principal, readable_groups, require
+from app.api.errors import ApiError, error_body
+from app.container import Container
+from app.services.chat import ChatInput, ChatService
+from llm.engine import ChatMessage, EngineError
+from security.principal import Principal
+
+router = APIRouter(tags=["chat"])
+
+MAX_MESSAGES = 100
+MAX_MESSAGE_CHARS = 32_000
+
+
+class ChatMessageIn(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(..., max_length=MAX_MESSAGE_CHARS)
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI clients send fields Enclave does not use (presence_penalty, logit_bias, ...): accepted, ignored.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    user: str | None = Field(None, max_length=256)
+    # Enclave extensions
+    knowledge_base: str = Field("default", max_length=128)
+    rag: bool = True
+    top_k: int = Field(5, ge=1, le=20)
+    conversation_id: str | None = Field(None, max_length=40)
+
+
+def _service(c: Container) -> ChatService:
+    return c.chat_service
+
+
+def _chat_input(body: ChatCompletionRequest, cap: int) -> ChatInput:
+    if body.messages[-1].role != "user":
+        raise ApiError(400, "the last message must come from the user", "invalid_messages", "messages")
+    if not body.messages[-1].content.strip():
+        raise ApiError(400, "the last user message is empty", "invalid_messages", "messages")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
+        raise ApiError(400, "stop: at most 4 non-empty sequences of up to 64 characters", "invalid_stop", "stop")
+    requested = body.max_completion_tokens or body.max_tokens or min(256, cap)
+    if requested > cap:
+        raise ApiError(400, f"max_tokens may be at most {cap}", "max_tokens_too_large", "max_tokens")
+    return ChatInput(
+        messages=[ChatMessage(m.role, m.content) for m in body.messages], knowledge_base=body.knowledge_base,
+        rag=body.rag, top_k=body.top_k, max_tokens=requested, temperature=body.temperature, top_p=body.top_p,
+        seed=body.seed, stop=stops, user=body.user, conversation_id=body.conversation_id,
+    )
+
+
+@router.post("/v1/chat/completions", summary="Chat completion grounded in the knowledge base (OpenAI schema)")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, c: Container = Depends(container),
+    who: Principal = Depends(require("user", "service")),
+):
+    chat = _chat_input(body, c.settings.generation.max_new_tokens)
+    if chat.rag:
+        check_kb_access(who, chat.knowledge_base)
+    service = _service(c)
+    reader = readable_groups(who, c.settings.ingest.default_groups)
+    prepared = await service.prepare(chat, reader)
+    model = body.model or c.settings.generation.model
+    public_sources = [{k: v for k, v in s.items() if k != "text"} for s in prepared.sources]
+
+    if not body.stream:
+        parts, last = [], None
+        async with aclosing(service.stream(prepared)) as stream:
+            async for chunk in stream:
+                parts.append(chunk.text)
+                last = chunk
+        answer = "".join(parts)
+        conversation = await run_in_threadpool(
+            service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens)
+        return {
+            "id": prepared.completion_id, "object": "chat.completion", "created": prepared.created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                         "finish_reason": last.finish_reason if last.finish_reason != "cancelled" else "stop"}],
+            "usage": _usage(last.prompt_tokens, last.completion_tokens),
+            "sources": public_sources, "conversation_id": conversation,
+        }
+
+    def event(delta: dict, finish: str | None = None, **extra) -> str:
+        payload = {"id": prepared.completion_id, "object": "chat.completion.chunk", "created": prepared.created,
+                   "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    async def events():
+        parts, last = [], None
+        yield event({"role": "assistant", "content": ""}, sources=public_sources)
+        try:
+            # A client that disconnects closes this generator, and aclosing closes the engine's
+            # stream at once, which frees the request's slot in the running batch.
+            async with aclosing(service.stream(prepared)) as stream:
+                async for chunk in stream:
+                    parts.append(chunk.text)
+                    last = chunk
+                    if chunk.text:
+                        yield event({"content": chunk.text})
+        except EngineError as exc:
+            yield f"data: {json.dumps(error_body(502, f'generation failed: {exc}', 'engine_error'))}\n\n"
+            return
+        answer = "".join(parts)
+        conversation = await run_in_threadpool(
+            service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens)
+        yield event({}, last.finish_reason if last.finish_reason != "cancelled" else "stop",
+                    usage=_usage(last.prompt_tokens, last.completion_tokens), conversation_id=conversation)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@router.get("/v1/conversations", summary="Your conversations, newest first (administrators: everyone's)")
+async def conversations(c: Container = Depends(container), who: Principal = Depends(principal)) -> dict:
+    rows = await run_in_threadpool(c.conversations.list, None if who.is_admin else who.subject)
+    return {"data": [{"id": r.id, "title": r.title, "knowledge_base": r.knowledge_base,
+                      "created_at": r.created_at.isoformat(), "updated_at": r.updated_at.isoformat()} for r in rows]}
+
+
+@router.get("/v1/conversations/{conversation_id}", summary="One conversation with its messages and cited sources")
+async def conversation(conversation_id: str, c: Container = Depends(container), who: Principal = Depends(principal)) -> dict:
+    turns = await run_in_threadpool(c.conversations.turns, conversation_id, None if who.is_admin else who.subject)
+    if turns is None:
+        raise ApiError(404, "no such conversation", "conversation_not_found", "conversation_id")
+    return {"id": conversation_id, "messages": [
+        {"role": t.role, "content": t.content, "completion_id": t.completion_id, "sources": t.sources,
+         "created_at": t.created_at.isoformat()} for t in turns]}
+
+
+class FeedbackRequest(BaseModel):
+    completion_id: str = Field(..., min_length=1, max_length=64)
+    rating: Literal[1, -1]
+    correction: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
+
+
+@router.post("/v1/feedback", summary="Rate an answer (and optionally correct it) for fine-tuning")
+async def feedback(body: FeedbackRequest, c: Container = Depends(container), who: Principal = Depends(principal)) -> dict:
+    owner = await run_in_threadpool(c.conversations.completion_owner, body.completion_id)
+    if owner is None or (owner != who.subject and not who.is_admin):
+        raise ApiError(404, "no such completion", "completion_not_found", "completion_id")
+    feedback_id = await run_in_threadpool(c.conversations.add_feedback, body.completion_id, who.subject, body.rating,
+                                          body.correction)
+    return {"id": feedback_id, "status": "recorded"}

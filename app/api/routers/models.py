@@ -1,0 +1,48 @@
+"""GET /v1/models and POST /v1/embeddings (OpenAI schema)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from app.api.deps import container, principal
+from app.api.errors import ApiError
+from app.container import Container
+from security.principal import Principal
+
+router = APIRouter(tags=["models"])
+_CREATED = int(time.time())
+
+
+@router.get("/v1/models", summary="Models served here (OpenAI schema)")
+async def list_models(c: Container = Depends(container), _: Principal = Depends(principal)) -> dict:
+    names = [c.settings.generation.model if c.settings.generation.engine == "transformers"
+             else (c.settings.generation.openai_model or "remote"), c.settings.embedding.model]
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": _CREATED, "owned_by": "enclave"} for n in names]}
+
+
+class EmbeddingRequest(BaseModel):
+    input: str | list[str] = Field(..., description="Text or list of texts (at most 256, 8,000 characters each)")
+    model: str | None = None
+    encoding_format: str | None = Field(None, pattern="^float$")
+    user: str | None = None
+
+
+@router.post("/v1/embeddings", summary="Embed texts with the knowledge-base embedder (OpenAI schema)")
+async def embeddings(body: EmbeddingRequest, c: Container = Depends(container), _: Principal = Depends(principal)) -> dict:
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or len(texts) > 256 or any(not t or len(t) > 8000 for t in texts):
+        raise ApiError(400, "input must be 1-256 non-empty texts of at most 8,000 characters", "invalid_input", "input")
+    if body.model not in (None, c.settings.embedding.model):
+        raise ApiError(404, f"model {body.model!r} not found; use {c.settings.embedding.model!r}", "model_not_found", "model")
+    vectors = await run_in_threadpool(c.embedder.embed_passages, texts)
+    tokens = sum(len(t.split()) for t in texts)
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+        "model": c.settings.embedding.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
