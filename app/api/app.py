@@ -50,7 +50,7 @@ def create_app(container: Container) -> FastAPI:
         return await call_next(request)
 
     for module in (health, models, search, chat, admin):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=errors.COMMON_RESPONSES)
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")
 

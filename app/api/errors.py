@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm.engine import EngineBusy, EngineError, PromptTooLong
@@ -18,6 +19,28 @@ _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
     405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
     422: "invalid_request_error", 429: "rate_limit_error", 503: "server_busy_error",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# Documented on every route: the errors any request can meet (auth, validation, limits, load).
+COMMON_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request (OpenAI error format)", 401: "Missing or invalid API key",
+        403: "Role or knowledge base not allowed", 404: "Not found", 413: "Request body too large",
+        415: "Unsupported file type", 429: "Rate limited", 502: "Generation failed", 503: "Server busy",
+    }.items()
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 
 from fastapi import APIRouter, Depends
@@ -27,7 +28,7 @@ async def list_models(c: Container = Depends(container), _: Principal = Depends(
 class EmbeddingRequest(BaseModel):
     input: str | list[str] = Field(..., description="Text or list of texts (at most 256, 8,000 characters each)")
     model: str | None = None
-    encoding_format: str | None = Field(None, pattern="^float$")
+    encoding_format: str | None = Field(None, pattern="^(float|base64)$")
     user: str | None = None
 
 
@@ -40,9 +41,13 @@ async def embeddings(body: EmbeddingRequest, c: Container = Depends(container), 
         raise ApiError(404, f"model {body.model!r} not found; use {c.settings.embedding.model!r}", "model_not_found", "model")
     vectors = await run_in_threadpool(c.embedder.embed_passages, texts)
     tokens = sum(len(t.split()) for t in texts)
+
+    def encode(vector):  # base64 of little-endian float32, what the openai client asks for by default
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" else vector.tolist()
+
     return {
         "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
         "model": c.settings.embedding.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }

@@ -1,0 +1,224 @@
+"""The service over real HTTP, driven by real clients: the official `openai` package, LangChain's
+ChatOpenAI, plain httpx, and schemathesis over the OpenAPI schema. The bundled model really generates."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from app.api.app import create_app
+from app.container import Container
+from app.settings import Settings
+from tests.conftest import SAMPLES
+
+MAX_NEW_TOKENS = 24  # keeps generation short on two cores; requests above it get a 400
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
+    data = tmp_path_factory.mktemp("api") / "var"
+    settings = Settings(data_dir=data, models_dir=models_dir, generation={"max_new_tokens": MAX_NEW_TOKENS})
+    container = Container(settings)
+    container.pipeline.run(SAMPLES, "default")
+    keys = {
+        "admin": container.api_keys.create("admin", "admin")[0],
+        "user": container.api_keys.create("staff", "user", [])[0],  # default group only
+        "hr": container.api_keys.create("hr", "user", ["hr"])[0],
+        "bot": container.api_keys.create("bot", "service", [], "faq")[0],
+    }
+    port = _free_port()
+    config = uvicorn.Config(create_app(container), host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("the API server did not become ready")
+    yield {"base": base, "keys": keys, "container": container}
+    uv.should_exit = True
+    thread.join(timeout=60)
+
+
+def client(server, who: str = "admin") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server['base']}/v1", api_key=server["keys"][who], max_retries=0, timeout=300)
+
+
+def http(server, who: str | None = "admin") -> httpx.Client:
+    headers = {"Authorization": f"Bearer {server['keys'][who]}"} if who else {}
+    return httpx.Client(base_url=server["base"], headers=headers, timeout=300)
+
+
+QUESTION = "How many days of paid annual leave do full-time employees get?"
+
+
+def test_openai_client_chat_streaming_models_embeddings(server):
+    oa = client(server, "user")
+    assert {m.id for m in oa.models.list()} == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+    emb = oa.embeddings.create(model="all-minilm-l6-v2", input=["annual leave", "年假"])
+    assert len(emb.data) == 2 and len(emb.data[1].embedding) == 384
+
+    reply = oa.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": QUESTION}],
+                                       max_tokens=16, temperature=0)
+    text = reply.choices[0].message.content
+    assert text and reply.usage.completion_tokens <= 16 and reply.usage.prompt_tokens > 100
+    sources = reply.model_extra["sources"]
+    assert sources and sources[0]["source"] == "leave-policy.md" and {"chunk_id", "page", "title", "snippet"} <= set(sources[0])
+
+    stream = oa.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": QUESTION}],
+                                        max_tokens=16, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].model_extra["sources"] == sources  # sources arrive in the first chunk
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text  # greedy: same answer
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_langchain_chat_openai_against_enclave(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{server['base']}/v1", api_key=server["keys"]["user"], model="smollm2-135m-instruct",
+                     max_tokens=12, temperature=0, max_retries=0)
+    answer = llm.invoke("Where do I report a security incident?")
+    assert isinstance(answer.content, str) and answer.content
+    assert answer.response_metadata["token_usage"]["completion_tokens"] <= 12
+
+
+def test_answers_only_use_chunks_the_caller_may_read(server):
+    question = {"messages": [{"role": "user", "content": "What are the 2026 compensation bands and salary ranges?"}],
+                "max_tokens": 4, "top_k": 10}
+    with http(server, "user") as staff, http(server, "hr") as hr:
+        sources = staff.post("/v1/chat/completions", json=question).json()["sources"]
+        assert sources and not any(s["source"].startswith(("hr/", "finance/")) for s in sources)
+        found = staff.post("/v1/search", json={"query": "compensation bands salary", "top_k": 50}).json()["results"]
+        assert found and not any(r["source"].startswith(("hr/", "finance/")) for r in found)
+        hr_sources = hr.post("/v1/chat/completions", json=question).json()["sources"]
+        assert any(s["source"].startswith("hr/") for s in hr_sources)
+        assert not any(s["source"].startswith("finance/") for s in hr_sources)
+        # Knowledge-base counts are for administrators only.
+        assert staff.get("/v1/knowledge_bases").json()["data"] == [{"name": "default"}]
+
+
+def test_conversations_and_feedback_are_private(server):
+    with http(server, "user") as staff, http(server, "hr") as hr:
+        first = staff.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "How do I set up the VPN?"}], "max_tokens": 4, "user": "alice"}).json()
+        conversation = first["conversation_id"]
+        second = staff.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "How do I set up the VPN?"},
+                         {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "And on Linux?"}],
+            "max_tokens": 4, "conversation_id": conversation}).json()
+        assert second["conversation_id"] == conversation
+        mine = staff.get(f"/v1/conversations/{conversation}").json()["messages"]
+        assert [m["role"] for m in mine] == ["user", "assistant", "user", "assistant"]
+        assert mine[1]["sources"] and mine[1]["completion_id"] == first["id"]
+        assert conversation in {c["id"] for c in staff.get("/v1/conversations").json()["data"]}
+        assert hr.get(f"/v1/conversations/{conversation}").status_code == 404
+        assert conversation not in {c["id"] for c in hr.get("/v1/conversations").json()["data"]}
+        ok = staff.post("/v1/feedback", json={"completion_id": first["id"], "rating": -1, "correction": "Use PineGate."})
+        assert ok.status_code == 200
+        assert hr.post("/v1/feedback", json={"completion_id": first["id"], "rating": 1}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "who, method, path, body, status, code",
+    [
+        (None, "post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 401, "missing_api_key"),
+        ("user", "post", "/v1/chat/completions", {"messages": []}, 400, "invalid_request"),
+        ("user", "post", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "invalid_messages"),
+        ("user", "post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "max_tokens_too_large"),
+        ("user", "post", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_request"),
+        ("user", "post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "invalid_request"),
+        ("user", "post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "knowledge_base": "nope"}, 404, "knowledge_base"),
+        ("bot", "post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 403, "forbidden"),
+        ("user", "post", "/v1/keys", {"name": "x"}, 403, "forbidden"),
+        ("bot", "get", "/v1/conversations/nope", None, 404, "conversation_not_found"),
+        ("user", "post", "/v1/embeddings", {"input": []}, 400, "invalid_input"),
+        ("admin", "delete", "/v1/knowledge_bases/default/documents/999999", None, 404, "document_not_found"),
+    ],
+)
+def test_bad_requests_get_openai_style_errors(server, who, method, path, body, status, code):
+    with http(server, who) as c:
+        response = getattr(c, method)(path, **({"json": body} if body is not None else {}))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+
+
+def test_malformed_json_and_oversized_prompt(server):
+    with http(server, "user") as c:
+        bad = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "leave policy " * 2400} for i in range(9)]
+        long = c.post("/v1/chat/completions", json={"messages": history, "rag": False, "max_tokens": 4})
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+        assert "window" in long.json()["error"]["message"]
+
+
+def test_admin_upload_list_remove_and_find(server, tmp_path: Path):
+    with http(server, "admin") as admin, http(server, "user") as staff, http(server, "hr") as hr:
+        note = "# Parking\n\nVisitor parking passes are issued at the Rotterdam front desk on level 2.\n"
+        up = admin.post("/v1/knowledge_bases/default/documents", files={"file": ("parking.md", note.encode())},
+                        data={"groups": "hr"})
+        assert up.status_code == 201, up.text
+        doc = up.json()
+        assert doc["groups"] == ["hr"] and doc["chunks"] >= 1
+        listed = admin.get("/v1/knowledge_bases/default/documents").json()["data"]
+        assert any(d["id"] == doc["id"] for d in listed)
+        query = {"query": "visitor parking passes front desk", "top_k": 3}
+        assert hr.post("/v1/search", json=query).json()["results"][0]["source"] == "parking.md"
+        assert all(r["source"] != "parking.md" for r in staff.post("/v1/search", json=query).json()["results"])
+        corrupt = admin.post("/v1/knowledge_bases/default/documents", files={"file": ("bad.pdf", b"%PDF-1.4 broken")})
+        assert corrupt.status_code == 400 and "PDF" in corrupt.json()["error"]["message"]
+        unsupported = admin.post("/v1/knowledge_bases/default/documents", files={"file": ("x.exe", b"MZ")})
+        assert unsupported.status_code == 415
+        assert admin.delete(f"/v1/knowledge_bases/default/documents/{doc['id']}").status_code == 200
+        assert all(r["source"] != "parking.md" for r in hr.post("/v1/search", json=query).json()["results"])
+        runs = admin.get("/v1/ingest/runs").json()["data"]
+        assert runs and runs[0]["status"] == "finished"
+
+
+def test_health(server):
+    assert httpx.get(f"{server['base']}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{server['base']}/readyz").json()
+    assert ready["status"] == "ready" and ready["checks"] == {"database": "ok", "indexes": "ok", "model": "ok"}
+
+
+# --- schemathesis over the OpenAPI schema: no 5xx, responses conform ------------------------------
+
+def test_openapi_schema_conformance(server, tmp_path: Path):
+    """schemathesis (its CLI: the pytest plugin lags behind pytest 9) fuzzes every documented
+    operation but the destructive DELETEs: no 5xx, responses match the schema, bad input rejected."""
+    command = [
+        str(Path(sys.executable).with_name("schemathesis")), "run", f"{server['base']}/openapi.json",
+        "--header", f"Authorization: Bearer {server['keys']['admin']}",
+        "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        "--exclude-method", "DELETE", "--max-examples", "12", "--request-timeout", "300",
+        "--generation-deterministic", "--suppress-health-check", "all",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=3000, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "passed" in result.stdout.lower()
