@@ -36,7 +36,7 @@ PG_URL_FILE := var/postgres.url
 PYTEST_ARGS ?=
 QUESTION ?= How many days of annual leave do employees get?
 
-.PHONY: help venv models run postgres test bench clean
+.PHONY: help venv models run postgres browser test bench clean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -80,8 +80,12 @@ postgres:
 
 # --- tests and benchmarks ----------------------------------------------------------------------
 
+# Debian's Chromium for the browser tests (Playwright drives it; no browser download).
+browser:
+	bash scripts/ensure-browser.sh
+
 # An ENCLAVE_TEST_DATABASE_URL already in the environment wins over the local server's URL.
-test: venv models postgres
+test: venv models postgres browser
 	ENCLAVE_TEST_DATABASE_URL="$${ENCLAVE_TEST_DATABASE_URL:-$$(cat $(PG_URL_FILE))}" \
 	ENCLAVE_TEST_MODELS_DIR="$(CURDIR)/var/models" \
 	$(BIN)/pytest $(PYTEST_ARGS)
