@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from functools import cached_property
 
+from app.conversations import ConversationStore
 from app.db import make_engine, upgrade
+from app.services.chat import ChatService
 from app.settings import Settings
 from ingest.chunking import Chunker
 from ingest.pipeline import IngestPipeline
+from llm.engine import Engine
 from llm.models import LocalModel, ModelStore
 from retrieval.embedder import Embedder
 from retrieval.retriever import RetrievalConfig, Retriever, make_reranker
 from retrieval.store import KnowledgeBaseStore
+from security.api_keys import ApiKeyService
 
 
 class Container:
@@ -23,6 +29,22 @@ class Container:
         engine = make_engine(self.settings.resolved_database_url)
         upgrade(engine)  # schema created on first start, migrated on upgrades
         return engine
+
+    @cached_property
+    def api_keys(self) -> ApiKeyService:
+        return ApiKeyService(self.engine, self._api_key_secret())
+
+    def _api_key_secret(self) -> bytes:
+        configured = self.settings.security.api_key_secret
+        if configured is not None:
+            return configured.get_secret_value().encode()
+        path = self.settings.resolved_data_dir / "secrets" / "api-key.secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never world-readable
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(48))
+        return path.read_text().strip().encode()
 
     @cached_property
     def model_store(self) -> ModelStore:
@@ -73,3 +95,39 @@ class Container:
             mmr_lambda=cfg.mmr_lambda, rerank_top_n=cfg.rerank_top_n, query_cache_size=cfg.query_cache_size,
         )
         return Retriever(self.kb_store, self.embedder, config, reranker)
+
+    @cached_property
+    def conversations(self) -> ConversationStore:
+        return ConversationStore(self.engine)
+
+    @cached_property
+    def chat_service(self) -> ChatService:
+        return ChatService(self.retriever, self.generation_engine, self.conversations)
+
+    @cached_property
+    def generation_engine(self) -> Engine:
+        """The configured generation engine, not started yet (``await engine.start()`` loads the model
+        or checks the server). Named ``generation_engine`` because ``engine`` is the SQL engine above."""
+        cfg = self.settings.generation
+        if cfg.engine == "openai":
+            from llm.openai_engine import OpenAIEngine
+
+            if not cfg.openai_base_url or not cfg.openai_model:
+                raise ValueError("generation.engine is openai: set generation.openai_base_url and openai_model")
+            return OpenAIEngine(
+                base_url=cfg.openai_base_url, model=cfg.openai_model,
+                api_key=cfg.openai_api_key.get_secret_value() if cfg.openai_api_key else None,
+                context_window=cfg.context_window, timeout=cfg.timeout_seconds, max_retries=cfg.max_retries,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+        from llm.transformers_engine import TransformersEngine  # imports torch: only when generation is used
+
+        resolved = self.model_store.resolve(cfg.model)
+        if resolved.kind != "generation":
+            raise ValueError(f"generation.model {cfg.model!r} is a {resolved.kind} model, not a generation model")
+        return TransformersEngine(
+            resolved.path, name=cfg.model, gguf_file=resolved.gguf_file, device=cfg.device, dtype=cfg.dtype,
+            quantization=cfg.quantization, trust_remote_code=cfg.trust_remote_code,
+            context_window=cfg.context_window, max_new_tokens=cfg.max_new_tokens,
+            max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,
+        )
