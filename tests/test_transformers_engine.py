@@ -7,7 +7,6 @@ thread around the model). Answers are kept short so the file runs in a couple of
 from __future__ import annotations
 
 import asyncio
-import math
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,6 @@ from llm.transformers_engine import TextStream, TransformersEngine
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
-HELD_OUT = (
-    "The ferry to the island leaves twice a day, once just after sunrise and once in the late afternoon, and "
-    "in winter the second crossing is often cancelled because of the wind. Most of the people who make the trip "
-    "are farmers bringing supplies back from the market town, along with a handful of teachers who work at the "
-    "small school near the harbour."
-)
 
 
 def run(coro):
@@ -310,12 +303,6 @@ def test_text_stream_holds_back_stop_prefixes_and_partial_characters(smol):
     plain = TextStream(tok, stop=[])
     text = "".join(plain.add(t)[0] for t in ids) + plain.flush()
     assert text == "Hello 世界, the end. More"
-
-
-def perplexity(model, tokenizer, text: str) -> float:
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        return math.exp(float(model(input_ids=ids, labels=ids).loss))
 
 
 def test_int4_on_cpu_is_refused_clearly(smol):

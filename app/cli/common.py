@@ -48,7 +48,6 @@ def set_config(config: Path | None) -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from app.settings import Settings  # noqa: F401  (import side effects only)
     from ingest.acl import AclError
     from ingest.pipeline import IngestError
     from llm.models import ModelError
