@@ -140,17 +140,21 @@ def measure(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> t
     )
     text = stdout_path.read_text(errors="replace")
     if proc.returncode not in (0, 1):  # `ingest run` exits 1 when some files failed, with a report
-        tail = stderr_path.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{name}: exit code {proc.returncode}\n--- stderr (tail) ---\n{tail}")
+        raise SystemExit(f"{name}: exit code {proc.returncode}\n--- stderr (tail) ---\n{_tail(stderr_path)}")
     return result, text
 
 
-def parse_json(text: str, name: str) -> dict:
+def _tail(path: Path, size: int = 3000) -> str:
+    return path.read_text(errors="replace")[-size:] if path.is_file() else ""
+
+
+def parse_json(text: str, name: str, stderr_path: Path) -> dict:
     start = text.find("{")
     try:
         return json.loads(text[start:])
     except ValueError:
-        raise SystemExit(f"{name}: no JSON summary on stdout:\n{text[-2000:]}") from None
+        raise SystemExit(f"{name}: no JSON summary on stdout:\n{text[-2000:]}\n--- stderr (tail) ---\n"
+                         f"{_tail(stderr_path)}") from None
 
 
 # --- the conventional LangChain pipeline (runs in its own child process) -----------------------
@@ -289,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"running {name} ...", flush=True)
             m, out = measure(name.replace(" ", "_"), cmd, env, logs)
             m.name = name
-            report = parse_json(out, name)
+            report = parse_json(out, name, logs / f"{name.replace(' ', '_')}.err")
             m.files, m.chunks = n_files, report["chunks"]
             m.detail = {k: report[k] for k in ("added", "updated", "unchanged", "deleted", "failed", "skipped",
                                                "chunks", "total_chunks", "seconds")}
@@ -310,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             lc, _ = measure("langchain", [sys.executable, str(Path(__file__).resolve()), "--_langchain",
                                           str(corpus_dir), str(model), str(lc_dir), str(result_file)], env, logs)
             if lc.returncode != 0 or not result_file.is_file():
-                tail = (logs / "langchain.err").read_text(errors="replace")[-3000:]
-                raise SystemExit(f"langchain pipeline failed ({lc.returncode}):\n{tail}")
+                raise SystemExit(f"langchain pipeline failed ({lc.returncode}):\n{_tail(logs / 'langchain.err')}")
             res = json.loads(result_file.read_text())
             lc.files, lc.chunks, lc.detail = res["files"], res["chunks"], res
             rows.append(lc)
