@@ -13,6 +13,7 @@ import io
 import logging
 import re
 import threading
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -360,12 +361,16 @@ _HTML_HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
 
 
 def _load_html(data: bytes, path: Path) -> LoadedDocument:
-    from bs4 import BeautifulSoup, Tag
+    from bs4 import BeautifulSoup, Tag, XMLParsedAsHTMLWarning
     from bs4.element import NavigableString, PreformattedString
 
     # Bytes, not str: BeautifulSoup honours <meta charset> (e.g. gb2312 pages) and BOMs.
     try:
-        soup = BeautifulSoup(data, "lxml")
+        with warnings.catch_warnings():
+            # XHTML pages (DocBook output such as the GIMP manual) start with <?xml ...?>; lxml's
+            # HTML parser reads them correctly, the warning would only flood the ingest log.
+            warnings.simplefilter("ignore", XMLParsedAsHTMLWarning)
+            soup = BeautifulSoup(data, "lxml")
     except Exception as exc:  # lxml rarely fails, but a loader must never leak a traceback
         raise LoaderError(f"unreadable HTML: {_short(exc)}") from None
 
