@@ -91,7 +91,7 @@ class Container:
         if cfg.reranker:
             reranker = make_reranker(str(self.model_store.resolve(cfg.reranker).path), self.settings.embedding.device)
         config = RetrievalConfig(
-            dense_weight=cfg.dense_weight, bm25_weight=cfg.bm25_weight, rrf_k=cfg.rrf_k, candidates=cfg.candidates,
+            dense_weight=cfg.dense_weight, bm25_weight=cfg.bm25_weight, cjk_bm25_weight=cfg.cjk_bm25_weight, rrf_k=cfg.rrf_k, candidates=cfg.candidates,
             mmr_lambda=cfg.mmr_lambda, rerank_top_n=cfg.rerank_top_n, query_cache_size=cfg.query_cache_size,
         )
         return Retriever(self.kb_store, self.embedder, config, reranker)

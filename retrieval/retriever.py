@@ -23,7 +23,7 @@ from sqlmodel import Session, select
 from retrieval.embedder import Embedder
 from retrieval.store import KnowledgeBaseStore
 from retrieval.tables import ChunkRow, DocumentRow, decode_groups
-from retrieval.text_analysis import tokenize
+from retrieval.text_analysis import mostly_cjk, tokenize
 from retrieval.vector_index import IdFilter, Manifest
 from security.principal import Principal
 
@@ -61,6 +61,11 @@ class RetrievedChunk:
 class RetrievalConfig:
     dense_weight: float = 1.0
     bm25_weight: float = 1.0
+    # BM25's weight for queries written mostly in Chinese/Japanese characters; None: bm25_weight.
+    # An English-only embedder (the bundled all-MiniLM-L6-v2) ranks CJK text close to randomly, so
+    # equal-weight fusion buries BM25's good hits (measured: hybrid MRR@10 0.217 at weight 1, 0.442
+    # at 5, BM25 alone 0.564; docs/benchmarks.md). Set None with a multilingual embedder.
+    cjk_bm25_weight: float | None = None
     rrf_k: int = 60
     candidates: int = 50  # per retriever, before fusion
     mmr_lambda: float | None = None  # e.g. 0.7 for some diversity; None disables MMR
@@ -231,7 +236,10 @@ class Retriever:
             self._fuse(candidates, ids, scores, "dense", self.config.dense_weight)
         if mode in ("hybrid", "bm25"):
             scores, ids = snap.lexical.search(tokenize(query), want, permitted.lexical_mask)
-            self._fuse(candidates, ids, scores, "bm25", self.config.bm25_weight)
+            weight = self.config.bm25_weight
+            if self.config.cjk_bm25_weight is not None and mostly_cjk(query):
+                weight = self.config.cjk_bm25_weight
+            self._fuse(candidates, ids, scores, "bm25", weight)
         ranked = sorted(candidates.values(), key=lambda c: (-c.fused, c.chunk_id))
         pool = ranked[: max(top_k, self.config.rerank_top_n if self.reranker else top_k, want if self.config.mmr_lambda else 0)]
         results = self._materialise(pool, principal)

@@ -12,6 +12,14 @@ from functools import lru_cache
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)  # letters and digits, no punctuation or underscores
 _ASCII_WORD = re.compile(r"[a-z0-9]+")
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_LATIN_LETTER = re.compile(r"[A-Za-z]")
+
+
+def mostly_cjk(text: str) -> bool:
+    """True when the text has at least as many CJK ideographs as English words (taken as 4 letters
+    each), so a Chinese question that names an English product still counts as Chinese."""
+    cjk = len(_CJK.findall(text))
+    return cjk > 0 and cjk >= len(_LATIN_LETTER.findall(text)) / 4
 
 # Small, conservative stop lists: frequent function words only, so that they neither dominate
 # BM25 postings nor hide meaningful terms.

@@ -54,6 +54,22 @@ def test_hybrid_english_and_chinese(samples_kb, memo_embedder: MemoEmbedder):
     assert dense_only[0].source == "it/vpn-setup.md" and dense_only[0].bm25_score is None
 
 
+def test_chinese_queries_weigh_bm25_as_configured(samples_kb, memo_embedder: MemoEmbedder):
+    from retrieval.text_analysis import mostly_cjk
+
+    assert mostly_cjk("年假没休完可以顺延几天？") and mostly_cjk("VPN 客户端怎么安装和配置？")
+    assert not mostly_cjk("How do I set up the VPN client?") and not mostly_cjk("VPN 2FA setup guide 指南")
+    store, _ = samples_kb
+    plain = Retriever(store, memo_embedder, RetrievalConfig())
+    heavy = Retriever(store, memo_embedder, RetrievalConfig(cjk_bm25_weight=5.0))
+    for query, scaled in (("年假没休完可以顺延几天？", True), ("How many days of annual leave?", False)):
+        top = heavy.search(query, "kb", EVERYONE, top_k=1)[0]
+        same = {h.chunk_id: h for h in plain.search(query, "kb", EVERYONE, top_k=50)}[top.chunk_id]
+        # Only the BM25 share of the fused score changes, and only for the Chinese query.
+        assert (top.fused_score > same.fused_score + 1e-9) == (scaled and top.bm25_score is not None)
+        assert top.fused_score <= same.fused_score * 5 + 1e-9
+
+
 def test_groups_apply_inside_the_search(samples_kb, memo_embedder: MemoEmbedder):
     store, _ = samples_kb
     retriever = Retriever(store, memo_embedder)
