@@ -6,6 +6,7 @@ import os
 import secrets
 from functools import cached_property
 
+from app import metrics
 from app.conversations import ConversationStore
 from app.db import make_engine, upgrade
 from app.services.chat import ChatService
@@ -81,7 +82,7 @@ class Container:
         return IngestPipeline(
             self.kb_store, self.embedder, self.chunker, default_groups=cfg.default_groups,
             batch_files=cfg.batch_files, checkpoint_seconds=cfg.checkpoint_seconds,
-            max_file_bytes=int(cfg.max_file_mb * 1024 * 1024),
+            max_file_bytes=int(cfg.max_file_mb * 1024 * 1024), on_report=metrics.observe_ingest,
         )
 
     @cached_property
@@ -94,7 +95,7 @@ class Container:
             dense_weight=cfg.dense_weight, bm25_weight=cfg.bm25_weight, cjk_bm25_weight=cfg.cjk_bm25_weight, rrf_k=cfg.rrf_k, candidates=cfg.candidates,
             mmr_lambda=cfg.mmr_lambda, rerank_top_n=cfg.rerank_top_n, query_cache_size=cfg.query_cache_size,
         )
-        return Retriever(self.kb_store, self.embedder, config, reranker)
+        return Retriever(self.kb_store, self.embedder, config, reranker, observer=metrics.observe_search)
 
     @cached_property
     def conversations(self) -> ConversationStore:
@@ -130,4 +131,5 @@ class Container:
             quantization=cfg.quantization, trust_remote_code=cfg.trust_remote_code,
             context_window=cfg.context_window, max_new_tokens=cfg.max_new_tokens,
             max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,
+            step_observer=metrics.observe_batch_step,
         )

@@ -111,6 +111,18 @@ class ServerSettings(BaseModel):
     max_body_mb: float = Field(60.0, gt=0, description="request body cap (uploads included)")
 
 
+class LoggingSettings(BaseModel):
+    format: Literal["json", "text"] = "json"  # json: one object per line, for log shippers
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class MetricsSettings(BaseModel):
+    # GET /metrics (Prometheus text format) on the API port. Scrapers authenticate with an
+    # administrator API key or with this dedicated token, which opens /metrics and nothing else.
+    enabled: bool = True
+    bearer_token: SecretStr | None = None  # prefer ENCLAVE_METRICS__BEARER_TOKEN
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ENCLAVE_",
@@ -129,6 +141,8 @@ class Settings(BaseSettings):
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @classmethod

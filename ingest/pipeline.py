@@ -17,6 +17,7 @@ import time
 from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -107,7 +108,11 @@ class IngestPipeline:
         batch_files: int = 32,
         checkpoint_seconds: float = 60.0,
         max_file_bytes: int = 100 * 1024 * 1024,
+        on_report: Callable[[IngestReport, str], None] | None = None,
     ):
+        """``on_report(report, status)`` is called at the end of every run, status "finished" or
+        "failed" (the service records metrics from it; it must not raise)."""
+        self.on_report = on_report
         self.store = store
         self.embedder = embedder
         self.chunker = chunker
@@ -141,11 +146,16 @@ class IngestPipeline:
             self._run(files, root, kb, acl, report, delete_missing, progress)
         except BaseException:
             self.store.finish_run(run_id, "failed", report.as_dict())
+            report.seconds = time.perf_counter() - started
+            if self.on_report is not None:
+                self.on_report(report, "failed")
             raise
         finally:
             progress.finish()
         report.seconds = time.perf_counter() - started
         self.store.finish_run(run_id, "finished", report.as_dict())
+        if self.on_report is not None:
+            self.on_report(report, "finished")
         return report
 
     def _run(

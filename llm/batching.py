@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 # token (finish_reason "stop" on EOS, "length" at the token limit), or once with an error.
 EventCallback = Callable[[int | None, str | None, BaseException | None], None]
 
+# step_observer(batch_size): called from the scheduler thread after every decode step with the
+# number of rows decoded together. The service turns it into a metric; this module stays free of
+# any metrics library (a plain call per step, nothing when no observer is set).
+StepObserver = Callable[[int], None]
+
 
 class Sequence:
     """One request, at the token level. Created by the engine, owned by the scheduler once submitted."""
@@ -164,8 +169,10 @@ class BatchScheduler:
         max_batch_tokens: int = 16384,
         max_queue: int = 64,
         prefill_token_budget: int = 1024,
+        step_observer: StepObserver | None = None,
     ):
         self.model = model
+        self.step_observer = step_observer
         self.device = next(model.parameters()).device
         self.eos = frozenset(int(t) for t in eos_token_ids)
         self.context_window = context_window
@@ -389,6 +396,11 @@ class BatchScheduler:
         tokens = self._sample(rows, logits)
         self.steps += 1
         self.decoded_tokens += len(rows)
+        if self.step_observer is not None:
+            try:
+                self.step_observer(len(rows))
+            except Exception:  # an observer must never break generation
+                log.debug("step observer failed", exc_info=True)
         finished = []
         for i, (s, token) in enumerate(zip(rows, tokens)):
             s.length += 1

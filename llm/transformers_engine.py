@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from llm import chat_format
-from llm.batching import BatchScheduler, Sequence
+from llm.batching import BatchScheduler, Sequence, StepObserver
 from llm.engine import (
     ChatMessage,
     EngineBusy,
@@ -57,6 +57,7 @@ class TransformersEngine:
         max_queue: int = 64,
         lora_adapter: Path | None = None,
         prefill_token_budget: int = 1024,
+        step_observer: StepObserver | None = None,
     ):
         self.name = name
         self.context_window = context_window or 0  # the model's own window once started, unless configured
@@ -69,7 +70,7 @@ class TransformersEngine:
         self._configured_window = context_window
         self._limits = dict(
             max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
-            prefill_token_budget=prefill_token_budget,
+            prefill_token_budget=prefill_token_budget, step_observer=step_observer,
         )
         self._loaded: LoadedModel | None = None
         self._scheduler: BatchScheduler | None = None
@@ -104,6 +105,14 @@ class TransformersEngine:
         if self._loaded is None:
             raise EngineError("the generation engine is not started")
         return self._loaded
+
+    def queue_state(self) -> dict[str, int] | None:
+        """Requests running and waiting, and the limits they fill (None before ``start``)."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return None
+        return {"running": scheduler.running, "waiting": scheduler.waiting,
+                "max_running": scheduler.max_batch_size, "max_waiting": scheduler.max_queue}
 
     @property
     def scheduler(self) -> BatchScheduler:

@@ -12,7 +12,9 @@ ingest, possibly in another process, publishes a newer index version.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -55,6 +57,17 @@ class RetrievedChunk:
     bm25_score: float | None  # BM25 over the reader's permitted chunks, None if no term matched
     fused_score: float  # reciprocal-rank fusion
     rerank_score: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchStats:
+    """What one search did, for an observer (the service turns it into metrics)."""
+
+    kb: str
+    mode: str
+    seconds: float
+    acl_filtered: int  # chunks of the knowledge base the reader's groups excluded
+    results: int
 
 
 @dataclass
@@ -109,21 +122,23 @@ class _Snapshot:
             if key in self._masks:
                 self._masks.move_to_end(key)
                 return self._masks[key]
-        permitted = _Permitted(self, self._mask(principal, filters))
+        permitted = _Permitted(self, *self._mask(principal, filters))
         with self._lock:
             self._masks[key] = permitted
             while len(self._masks) > 256:
                 self._masks.popitem(last=False)
         return permitted
 
-    def _mask(self, principal: Principal, filters: SearchFilters) -> np.ndarray | None:
-        """Bool mask over chunks; None = everything."""
+    def _mask(self, principal: Principal, filters: SearchFilters) -> tuple[np.ndarray | None, int]:
+        """Bool mask over chunks (None = everything) and how many chunks the groups alone excluded."""
         if principal.reads_everything() and filters.is_empty():
-            return None
+            return None, 0
         doc_mask = np.ones(len(self.doc_ids), dtype=bool)
+        acl_filtered = 0
         if not principal.reads_everything():
             groups = set(principal.groups)
             doc_mask &= np.fromiter((not g.isdisjoint(groups) for g in self.doc_groups), dtype=bool, count=len(self.doc_groups))
+            acl_filtered = int(len(self.chunk_doc) - np.count_nonzero(doc_mask[self.chunk_doc])) if len(self.chunk_doc) else 0
         if filters.source_prefix:
             doc_mask &= np.fromiter((s.startswith(filters.source_prefix) for s in self.doc_sources), dtype=bool, count=len(self.doc_sources))
         if filters.document_ids is not None:
@@ -134,14 +149,15 @@ class _Snapshot:
             doc_mask &= self.doc_modified >= _epoch(filters.modified_after)
         if filters.modified_before is not None:
             doc_mask &= self.doc_modified < _epoch(filters.modified_before)
-        return doc_mask[self.chunk_doc] if len(self.chunk_doc) else np.zeros(0, dtype=bool)
+        return (doc_mask[self.chunk_doc] if len(self.chunk_doc) else np.zeros(0, dtype=bool)), acl_filtered
 
 
 class _Permitted:
     """One reader's view of a snapshot: the chunk mask in the forms each index consumes."""
 
-    def __init__(self, snapshot: _Snapshot, mask: np.ndarray | None):
+    def __init__(self, snapshot: _Snapshot, mask: np.ndarray | None, acl_filtered: int = 0):
         self.mask = mask
+        self.acl_filtered = acl_filtered
         self.empty = mask is not None and not mask.any()
         self.id_filter = IdFilter(snapshot.chunk_ids[mask]) if mask is not None and not self.empty else None
         if mask is None:
@@ -170,6 +186,9 @@ class Retriever:
     embedder: Embedder
     config: RetrievalConfig = field(default_factory=RetrievalConfig)
     reranker: object | None = None  # a sentence_transformers CrossEncoder, when configured
+    # Called after every search with its SearchStats (the service records metrics; keeps this
+    # library free of any metrics backend). Exceptions from it are not caught: it must not raise.
+    observer: Callable[[SearchStats], None] | None = None
 
     def __post_init__(self) -> None:
         self._snapshots: dict[str, _Snapshot] = {}
@@ -221,13 +240,23 @@ class Retriever:
         mode: Mode = "hybrid",
         query_vector: np.ndarray | None = None,
     ) -> list[RetrievedChunk]:
+        started = time.perf_counter()
+        results, acl_filtered = self._search(query, kb, principal, top_k, filters, mode, query_vector)
+        if self.observer is not None:
+            self.observer(SearchStats(kb, mode, time.perf_counter() - started, acl_filtered, len(results)))
+        return results
+
+    def _search(
+        self, query: str, kb: str, principal: Principal, top_k: int, filters: SearchFilters | None, mode: Mode,
+        query_vector: np.ndarray | None,
+    ) -> tuple[list[RetrievedChunk], int]:
         if principal.knowledge_base is not None and principal.knowledge_base != kb:
-            return []  # a service account pinned to another knowledge base sees nothing here
+            return [], 0  # a service account pinned to another knowledge base sees nothing here
         filters = filters or SearchFilters()
         snap = self.snapshot(kb)
         permitted = snap.permitted(principal, filters)
         if permitted.empty or len(snap.chunk_ids) == 0 or not query.strip():
-            return []
+            return [], permitted.acl_filtered
         want = max(top_k, self.config.candidates)
         candidates: dict[int, _Candidate] = {}
         if mode in ("hybrid", "dense"):
@@ -247,7 +276,7 @@ class Retriever:
             results = self._rerank(query, results[: self.config.rerank_top_n])
         if self.config.mmr_lambda is not None and len(results) > top_k:
             results = self._mmr(results, snap, self.config.mmr_lambda, top_k)
-        return results[:top_k]
+        return results[:top_k], permitted.acl_filtered
 
     def _fuse(self, candidates: dict[int, _Candidate], ids: np.ndarray, scores: np.ndarray, kind: str, weight: float) -> None:
         for rank, (chunk_id, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1):

@@ -12,8 +12,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from app import metrics as app_metrics
 from app.api import errors
-from app.api.routers import admin, chat, health, models, search
+from app.api.middleware import RequestContextMiddleware
+from app.api.routers import admin, chat, health, metrics, models, search
 from app.container import Container
 
 log = logging.getLogger("enclave.api")
@@ -32,12 +34,14 @@ def create_app(container: Container) -> FastAPI:
         await run_in_threadpool(lambda: (container.engine, container.kb_store, container.embedder.model))
         engine = container.generation_engine
         await engine.start()
+        app_metrics.ENGINE.attach(engine, engine.name)
         container.generation_ready = True
         log.info("generation engine ready: %s", engine.name)
         try:
             yield
         finally:
             container.generation_ready = False
+            app_metrics.ENGINE.detach(engine)
             await engine.close()
 
     app = FastAPI(
@@ -62,7 +66,10 @@ def create_app(container: Container) -> FastAPI:
             response.headers.setdefault("X-Frame-Options", "DENY")
         return response
 
-    for module in (health, models, search, chat, admin):
+    # Outermost (added last): request id and metrics cover every response, the 413 above included.
+    app.add_middleware(RequestContextMiddleware)
+
+    for module in (health, metrics, models, search, chat, admin):
         app.include_router(module.router, responses=errors.COMMON_RESPONSES)
     if WEB.is_dir():
         app.mount("/static", StaticFiles(directory=WEB), name="static")

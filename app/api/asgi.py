@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from app.api.app import create_app
 from app.container import Container
+from app.logs import configure_logging
 from app.settings import load_settings
 
 
 def factory():
-    return create_app(Container(load_settings()))
+    settings = load_settings()
+    configure_logging(settings.logging.format, settings.logging.level)  # in every worker process
+    return create_app(Container(settings))

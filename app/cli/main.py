@@ -166,7 +166,10 @@ def serve(
     """Run the API and web pages under uvicorn (TLS when server.tls_certfile/keyfile are set)."""
     import uvicorn
 
+    from app.logs import configure_logging
+
     settings = State.container().settings
+    configure_logging(settings.logging.format, settings.logging.level)
     cfg = settings.server
     host, port, workers = host or cfg.host, port or cfg.port, workers or cfg.workers
     scheme = "https" if cfg.tls_certfile else "http"
@@ -177,7 +180,9 @@ def serve(
         "app.api.asgi:factory", factory=True, host=host, port=port, workers=workers,
         ssl_certfile=str(cfg.tls_certfile) if cfg.tls_certfile else None,
         ssl_keyfile=str(cfg.tls_keyfile) if cfg.tls_keyfile else None,
-        log_level="info", proxy_headers=False,
+        # Logging is configured by the app (JSON lines, request ids, no query strings): uvicorn's
+        # own config and access log stay off.
+        log_config=None, access_log=False, log_level=settings.logging.level.lower(), proxy_headers=False,
     )
 
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 from fastapi.concurrency import run_in_threadpool
 
+from app import metrics
 from app.conversations import ConversationStore, new_id
-from llm.engine import ChatMessage, Engine, GenerationChunk, GenerationRequest
+from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest
 from llm.prompt import ContextBlock, PromptBuilder
 from retrieval.retriever import Retriever
 from security.principal import Principal
@@ -41,6 +42,7 @@ class PreparedChat:
     request: GenerationRequest
     sources: list[dict]
     question: str
+    started: float = 0.0  # perf_counter when the request reached the service (time to first token)
 
 
 class ChatService:
@@ -52,6 +54,7 @@ class ChatService:
 
     async def prepare(self, chat: ChatInput, reader: Principal) -> PreparedChat:
         """Retrieve what the reader may see and build the prompt (raises PromptTooLong when it can't fit)."""
+        started = time.perf_counter()
         question = chat.messages[-1].content
         history = chat.messages[:-1]
         blocks: list[ContextBlock] = []
@@ -75,13 +78,39 @@ class ChatService:
         ]
         request = GenerationRequest(messages=messages, max_new_tokens=chat.max_tokens, temperature=chat.temperature,
                                     top_p=chat.top_p, seed=chat.seed, stop=chat.stop)
-        return PreparedChat(new_id("chatcmpl"), int(time.time()), request, sources, question)
+        return PreparedChat(new_id("chatcmpl"), int(time.time()), request, sources, question, started)
 
     async def stream(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
+        """The engine's stream, measured: time to first token, time per later token, tokens, outcome."""
         prepared.request.request_id = prepared.completion_id
-        async with aclosing(self.engine.stream(prepared.request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        model = self.engine.name
+        first = last = None
+        outcome = "cancelled"  # unless the stream ends or fails below: the consumer closed it early
+        metrics.ENGINE.started()
+        try:
+            async with aclosing(self.engine.stream(prepared.request)) as chunks:
+                async for chunk in chunks:
+                    now = time.perf_counter()
+                    if chunk.text and first is None:
+                        first = now
+                        metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(now - (prepared.started or now))
+                    if chunk.finish_reason is not None:
+                        last = now
+                        outcome = chunk.finish_reason
+                        metrics.PROMPT_TOKENS.labels(model).inc(chunk.prompt_tokens)
+                        metrics.GENERATED_TOKENS.labels(model).inc(chunk.completion_tokens)
+                        if first is not None and chunk.completion_tokens > 1:
+                            metrics.INTER_TOKEN_LATENCY.labels(model).observe((last - first) / (chunk.completion_tokens - 1))
+                    yield chunk
+        except EngineBusy:
+            outcome = "rejected"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            metrics.ENGINE.finished()
+            metrics.GENERATION_REQUESTS.labels(model, outcome).inc()
 
     def record(self, chat: ChatInput, who: Principal, prepared: PreparedChat, answer: str,
                prompt_tokens: int, completion_tokens: int) -> str:
