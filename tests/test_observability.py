@@ -179,7 +179,7 @@ def test_request_ids_in_and_out(server, traffic):
     assert traffic["chat_response"].headers["x-request-id"] == "ops-test-chat-1"
     generated = httpx.get(f"{server['base']}/healthz").headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
-    hostile = httpx.get(f"{server['base']}/healthz", headers={"X-Request-ID": "a b\u00e9" + "x" * 200})
+    hostile = httpx.get(f"{server['base']}/healthz", headers={"X-Request-ID": "a b;<" + "x" * 200})
     assert re.fullmatch(r"[0-9a-f]{32}", hostile.headers["x-request-id"])  # replaced, not echoed
 
 
