@@ -52,10 +52,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ingest.pipeline import IngestError
     from llm.models import ModelError
     from retrieval.store import KnowledgeBaseError
+    from app.backup import BackupError
     from security.api_keys import ApiKeyError
 
-    return (AclError, IngestError, ModelError, KnowledgeBaseError, ApiKeyError, FileNotFoundError, ValidationError,
-            RuntimeError)
+    return (AclError, IngestError, ModelError, KnowledgeBaseError, ApiKeyError, BackupError, FileNotFoundError,
+            ValidationError, RuntimeError)
 
 
 def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,6 +16,8 @@ models_app = typer.Typer(help="Offline model provisioning.", no_args_is_help=Tru
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (shown once, stored only as a keyed hash).", no_args_is_help=True)
+backup_app = typer.Typer(help="Backup and restore: database, indexes, adapters, audit, secrets.", no_args_is_help=True)
+app.add_typer(backup_app, name="backup")
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
@@ -184,6 +186,47 @@ def serve(
         # own config and access log stay off.
         log_config=None, access_log=False, log_level=settings.logging.level.lower(), proxy_headers=False,
     )
+
+
+@backup_app.command("create")
+@cli_errors
+def backup_create(
+    path: Annotated[Path, typer.Argument(help="A new (or empty) directory for the backup.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Back up the database and the data directory (models excluded) with a manifest of sha256 hashes."""
+    from app.backup import create_backup
+
+    summary = create_backup(State.container().settings, path)
+    if as_json:
+        out.print_json(json.dumps({**summary.__dict__, "path": str(summary.path)}))
+        return
+    out.print(f"backup written to [bold]{summary.path}[/]: {summary.database} database at revision "
+              f"{summary.revision}, {summary.files} files, {summary.bytes / 2**20:.1f} MiB", highlight=False)
+    out.print(f"manifest sha256 {summary.manifest_sha256} (keep it apart from the backup; "
+              "`restore --manifest-sha256` checks it)", highlight=False)
+
+
+@backup_app.command("restore")
+@cli_errors
+def backup_restore(
+    path: Annotated[Path, typer.Argument(help="A directory written by `enclave backup create`.")],
+    manifest_sha256: Annotated[str | None, typer.Option("--manifest-sha256", help="Refuse unless the manifest has this sha256.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Verify every file of a backup, then replace the database and data directory with it.
+
+    Stop the API processes and ingestion first; start them again afterwards."""
+    from app.backup import restore_backup, verify_backup
+
+    settings = State.container().settings
+    verify_backup(path, manifest_sha256)  # a damaged backup is refused before any question
+    if not yes:
+        typer.confirm(f"Replace the database and {settings.resolved_data_dir} with the backup in {path}?", abort=True)
+    manifest = restore_backup(settings, path, manifest_sha256)
+    db = manifest["database"]
+    out.print(f"restored {len(manifest['files'])} files and the {db['kind']} database "
+              f"({sum(db['tables'].values())} rows) from the backup of {manifest['created_at']}", highlight=False)
 
 
 @db_app.command("upgrade")
