@@ -338,11 +338,14 @@ def _restore_tables(url: str, folder: Path, database: dict) -> None:
             cfg = alembic_config(engine)
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, database["revision"] or "head")  # the schema the dump was made with
-            tables = {t.name: t for t in _tables(connection)}
-            for name, expected in database["tables"].items():
-                if name not in tables:
-                    raise BackupError(f"table {name} of the backup does not exist at revision {database['revision']}")
-                table = tables[name]
+            ordered = _tables(connection)  # parents before children
+            unknown = set(database["tables"]) - {t.name for t in ordered}
+            if unknown:
+                raise BackupError(f"tables {sorted(unknown)} of the backup do not exist at revision {database['revision']}")
+            for table in ordered:
+                if table.name not in database["tables"]:
+                    continue
+                name, expected = table.name, database["tables"][table.name]
                 batch: list[dict] = []
                 count = 0
                 with open(folder / f"{name}.jsonl", encoding="utf-8") as rows:
