@@ -38,6 +38,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     log_buffer = io.StringIO()
+    previous_level = logging.getLogger().level
     configure_logging("json", "DEBUG", stream=log_buffer)
     data = tmp_path_factory.mktemp("ops") / "var"
     settings = Settings(data_dir=data, models_dir=models_dir, generation={"max_new_tokens": MAX_NEW_TOKENS, "max_queue": 7},
@@ -71,6 +72,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     root = logging.getLogger()
     for handler in [h for h in root.handlers if h.get_name() == "enclave"]:
         root.removeHandler(handler)
+    root.setLevel(previous_level)
+    logging.getLogger("uvicorn.access").disabled = False
 
 
 def http(server, who: str | None) -> httpx.Client:
