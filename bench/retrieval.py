@@ -545,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-quality", action="store_true", help="no question evaluation")
     parser.add_argument("--skip-langchain", action="store_true", help="no LangChain baseline")
     parser.add_argument("--skip-speed", action="store_true", help="no latency measurement")
+    parser.add_argument("--bm25-sweep", default="", metavar="W,W,...",
+                        help="also evaluate hybrid with these BM25 fusion weights (zh: cjk_bm25_weight)")
     parser.add_argument("--sizes", default="10000,100000", help="synthetic knowledge-base sizes (chunks)")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the queries, index part")
     parser.add_argument("--e2e-repeats", type=int, default=1, help="passes over the queries, end to end")
@@ -555,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     parser.add_argument("--json-out", type=Path, metavar="FILE", help="also write the JSON object to FILE")
     args = parser.parse_args(argv)
+    sweep = [float(w) for w in args.bm25_sweep.split(",") if w.strip()]
     if args.max_files is not None:
         args.max_files_en = args.max_files_zh = args.max_files
     warnings.filterwarnings("ignore", module="bs4")
@@ -599,6 +602,16 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[{lang}]   {info['langchain']}")
                 results["langchain faiss"] = langchain_search(store, qs)
                 del store
+            for weight in sweep:
+                # The BM25 weight that applies to this language's queries: cjk_bm25_weight for
+                # mostly-Chinese questions, bm25_weight otherwise (dense weight stays 1).
+                field = "cjk_bm25_weight" if lang == "zh" else "bm25_weight"
+                base = container.retriever.config
+                container.retriever.config = dataclasses.replace(base, **{field: weight})
+                try:
+                    results[f"hybrid bm25 w={weight:g}"] = enclave_search(container, f"bench-{lang}", qs, "hybrid")
+                finally:
+                    container.retriever.config = base
             info.update(evaluate(qs, results))
             result["quality"][lang] = info
             dense = info["systems"]["enclave dense"]["passage"]["mrr@10"]

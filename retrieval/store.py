@@ -105,7 +105,7 @@ class KnowledgeBaseStore:
         dimension: int,
         *,
         approximate_from: int = 50_000,
-        nprobe: int = 32,
+        nprobe: int = 64,
     ):
         self.engine = engine
         self.index_root = Path(index_root)

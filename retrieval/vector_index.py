@@ -101,7 +101,7 @@ class VectorIndex:
     because FAISS's HNSW cannot remove vectors, and ingestion removes the chunks of changed files.
     """
 
-    def __init__(self, dimension: int, index: faiss.Index | None = None, nprobe: int = 32, trained_size: int = 0):
+    def __init__(self, dimension: int, index: faiss.Index | None = None, nprobe: int = 64, trained_size: int = 0):
         self.dimension = dimension
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
         self.nprobe = nprobe
@@ -224,7 +224,7 @@ class VectorIndex:
         return faiss.serialize_index(self.index).tobytes()
 
     @classmethod
-    def deserialize(cls, data: bytes, dimension: int, nprobe: int = 32, trained_size: int = 0) -> "VectorIndex":
+    def deserialize(cls, data: bytes, dimension: int, nprobe: int = 64, trained_size: int = 0) -> "VectorIndex":
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         if index.d != dimension:
             raise ValueError(f"index dimension {index.d} does not match the embedder's {dimension}")
@@ -240,7 +240,7 @@ class IndexDirectory:
     def manifest(self) -> Manifest | None:
         return Manifest.read(self.path)
 
-    def load(self, dimension: int, nprobe: int = 32) -> tuple[VectorIndex, LexicalIndex, Manifest | None]:
+    def load(self, dimension: int, nprobe: int = 64) -> tuple[VectorIndex, LexicalIndex, Manifest | None]:
         manifest = self.manifest()
         if manifest is None:
             return VectorIndex(dimension, nprobe=nprobe), LexicalIndex(), None
