@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from functools import cached_property
+from pathlib import Path
 
 from app import metrics
 from app.conversations import ConversationStore
@@ -19,6 +20,8 @@ from retrieval.embedder import Embedder
 from retrieval.retriever import RetrievalConfig, Retriever, make_reranker
 from retrieval.store import KnowledgeBaseStore
 from security.api_keys import ApiKeyService
+from security.audit import AuditLog, AuditSigner, load_public_key
+from security.pii import PiiRedactor
 
 
 class Container:
@@ -46,6 +49,33 @@ class Container:
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_urlsafe(48))
         return path.read_text().strip().encode()
+
+    @cached_property
+    def pii(self) -> PiiRedactor:
+        return PiiRedactor()
+
+    @cached_property
+    def audit_log(self) -> AuditLog:
+        cfg = self.settings.audit
+        key_path = cfg.signing_key or self.settings.resolved_data_dir / "secrets" / "audit-signing.key"
+        return AuditLog(
+            self.engine, AuditSigner.from_file(Path(key_path).expanduser()), checkpoint_every=cfg.checkpoint_every,
+            checkpoint_file=cfg.checkpoint_file,
+            trusted_public_keys=[load_public_key(Path(p).expanduser().read_bytes()) for p in cfg.trusted_public_keys],
+        )
+
+    @cached_property
+    def audit(self):
+        from app.services.audit import AuditService
+
+        gen = self.settings.generation
+        return AuditService(
+            self.audit_log, self.pii, query_policy=self.settings.audit.query_policy,
+            max_query_chars=self.settings.audit.max_query_chars,
+            model=gen.model if gen.engine == "transformers" else gen.openai_model,
+            # The LoRA adapter in use, when the engine serves one (adapter hot-swap sets it).
+            adapter=lambda: getattr(self.__dict__.get("generation_engine"), "adapter_version", None),
+        )
 
     @cached_property
     def model_store(self) -> ModelStore:
@@ -83,6 +113,7 @@ class Container:
             self.kb_store, self.embedder, self.chunker, default_groups=cfg.default_groups,
             batch_files=cfg.batch_files, checkpoint_seconds=cfg.checkpoint_seconds,
             max_file_bytes=int(cfg.max_file_mb * 1024 * 1024), on_report=metrics.observe_ingest,
+            redact=self.pii.redact if cfg.redact_pii else None,
         )
 
     @cached_property
@@ -103,7 +134,8 @@ class Container:
 
     @cached_property
     def chat_service(self) -> ChatService:
-        return ChatService(self.retriever, self.generation_engine, self.conversations)
+        return ChatService(self.retriever, self.generation_engine, self.conversations,
+                           answer_redactor=self.pii if self.settings.generation.redact_answers else None)
 
     @cached_property
     def generation_engine(self) -> Engine:

@@ -57,6 +57,8 @@ class GenerationSettings(BaseModel):
     openai_model: str | None = None
     timeout_seconds: float = Field(120.0, gt=0)
     max_retries: int = Field(2, ge=0)
+    # Redact e-mails, phone numbers, resident IDs and bank cards in answers (streamed ones too).
+    redact_answers: bool = False
 
 
 class ChunkingSettings(BaseModel):
@@ -78,6 +80,8 @@ class IngestSettings(BaseModel):
     # committed per batch and the index is reconciled from it after a crash.
     checkpoint_seconds: float = Field(60.0, ge=0)
     max_file_mb: float = Field(100.0, gt=0)
+    # Redact e-mails, phone numbers, resident IDs and bank cards in the text before it is indexed.
+    redact_pii: bool = False
 
 
 class RetrievalSettings(BaseModel):
@@ -100,6 +104,19 @@ class SecuritySettings(BaseModel):
     # Secret for the keyed hash of API keys. Default: generated once into
     # <data dir>/secrets/api-key.secret (mode 0600). Several replicas must share one value.
     api_key_secret: SecretStr | None = None
+
+
+class AuditSettings(BaseModel):
+    # Query text kept in audit records: none (as asked), redact (PII replaced), drop (sha256 only).
+    query_policy: Literal["none", "redact", "drop"] = "redact"
+    max_query_chars: int = Field(2000, ge=0, description="longer query text is cut in the record")
+    checkpoint_every: int = Field(1000, ge=0, description="records between signed checkpoints; 0: on demand only")
+    # Ed25519 checkpoint key; default <data dir>/secrets/audit-signing.key (created 0600).
+    signing_key: Path | None = None
+    # Append every checkpoint as a JSON line to this file too (e.g. a mount on another machine).
+    checkpoint_file: Path | None = None
+    # PEM public keys of earlier signing keys (after a rotation): their checkpoints stay verifiable.
+    trusted_public_keys: list[Path] = Field(default_factory=list)
 
 
 class ServerSettings(BaseModel):
@@ -140,6 +157,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

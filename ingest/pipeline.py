@@ -15,9 +15,8 @@ from __future__ import annotations
 import os
 import time
 from datetime import datetime, timezone
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -109,6 +108,7 @@ class IngestPipeline:
         checkpoint_seconds: float = 60.0,
         max_file_bytes: int = 100 * 1024 * 1024,
         on_report: Callable[[IngestReport, str], None] | None = None,
+        redact: Callable[[str], str] | None = None,
     ):
         """``on_report(report, status)`` is called at the end of every run, status "finished" or
         "failed" (the service records metrics from it; it must not raise)."""
@@ -120,6 +120,7 @@ class IngestPipeline:
         self.batch_files = batch_files
         self.checkpoint_seconds = checkpoint_seconds
         self.max_file_bytes = max_file_bytes
+        self.redact = redact  # e.g. PII redaction, applied to the text before chunking
 
     def run(
         self,
@@ -221,6 +222,10 @@ class IngestPipeline:
         for item in batch:
             try:
                 document = load_document(item.path)
+                if self.redact is not None:
+                    document.title = self.redact(document.title) if document.title else document.title
+                    for section in document.sections:
+                        section.text = self.redact(section.text)
                 chunks = self.chunker.split(document)
                 if not chunks:
                     raise LoaderError("no text to index")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app import metrics as app_metrics
 from app.api import errors
+from app.api.audit import record_denial
 from app.api.middleware import RequestContextMiddleware
 from app.api.routers import admin, chat, health, metrics, models, search
 from app.container import Container
@@ -49,11 +51,12 @@ def create_app(container: Container) -> FastAPI:
         description="Self-hosted, permission-aware retrieval-augmented assistant. OpenAI-compatible.",
     )
     app.state.container = container
-    errors.install(app)
+    errors.install(app, on_denied=record_denial)
     max_body = int(container.settings.server.max_body_mb * 1024 * 1024)
 
     @app.middleware("http")
     async def body_limit_and_headers(request: Request, call_next):
+        request.state.started = time.perf_counter()  # audit records carry the latency from here
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body):
             return errors.error_response(413, f"request body larger than {max_body // 2**20} MiB", "body_too_large")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -39,7 +41,8 @@ COMMON_RESPONSES = {
     for status, description in {
         400: "Invalid request (OpenAI error format)", 401: "Missing or invalid API key",
         403: "Role or knowledge base not allowed", 404: "Not found", 413: "Request body too large",
-        415: "Unsupported file type", 429: "Rate limited", 502: "Generation failed", 503: "Server busy",
+        415: "Unsupported file type", 429: "Rate limited", 502: "Generation failed",
+        503: "Server busy, or the audit log cannot be written (code audit_unavailable)",
     }.items()
 }
 
@@ -60,10 +63,27 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
-def install(app: FastAPI) -> None:
+AUDIT_UNAVAILABLE = "the audit log cannot be written; the request was not carried out (fail closed)"
+
+
+def install(app: FastAPI, on_denied: Callable[[Request, ApiError], None] | None = None) -> None:
+    """``on_denied``: called (in a worker thread) for each 401/403, to audit it; if it raises
+    AuditUnavailable the answer is a 503 instead."""
+    from app.services.audit import AuditUnavailable
+
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError):
+    async def _api_error(request: Request, exc: ApiError):
+        if on_denied is not None and exc.status_code in (401, 403):
+            try:
+                await run_in_threadpool(on_denied, request, exc)
+            except AuditUnavailable:
+                return error_response(503, AUDIT_UNAVAILABLE, "audit_unavailable")
         return error_response(exc.status_code, str(exc.detail), exc.code, exc.param, exc.headers)
+
+    @app.exception_handler(AuditUnavailable)
+    async def _audit_unavailable(_: Request, exc: AuditUnavailable):
+        log.error("audit write failed: %s", exc)  # the reason is an exception type, never request data
+        return error_response(503, AUDIT_UNAVAILABLE, "audit_unavailable")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):

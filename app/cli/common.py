@@ -53,10 +53,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from llm.models import ModelError
     from retrieval.store import KnowledgeBaseError
     from app.backup import BackupError
+    from app.services.audit import AuditUnavailable
     from security.api_keys import ApiKeyError
+    from security.audit import AuditError
 
     return (AclError, IngestError, ModelError, KnowledgeBaseError, ApiKeyError, BackupError, FileNotFoundError,
-            ValidationError, RuntimeError)
+            ValidationError, RuntimeError, AuditError, AuditUnavailable)
 
 
 def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:

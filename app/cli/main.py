@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from app.cli.audit_cli import audit_app, record as audit_record
 from app.cli.common import ConfigOption, State, cli_errors, out, set_config
 
 app = typer.Typer(help="Enclave: self-hosted, permission-aware retrieval-augmented assistant.", no_args_is_help=True)
@@ -22,6 +23,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+app.add_typer(audit_app, name="audit")
 
 
 @app.callback()
@@ -120,9 +122,12 @@ def keys_create(
     from datetime import timedelta
 
     group_list = [g.strip() for g in (groups or "").split(",") if g.strip()]
+    wanted = f"name {name!r}; role {role}; groups {','.join(group_list)}; kb {kb or '-'}"
+    audit_record("key.create", status="started", knowledge_base=kb, detail=wanted)  # no audit, no key
     token, info = State.container().api_keys.create(
         name, role, group_list, kb, timedelta(days=expires_days) if expires_days else None
     )
+    audit_record("key.create", knowledge_base=kb, detail=f"created key {info.key_id}; {wanted}")
     if as_json:
         out.print_json(json.dumps({"key": token, **_key_dict(info)}, default=str))
         return
@@ -150,7 +155,9 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @cli_errors
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id shown by `enclave keys list`.")]) -> None:
     """Revoke an API key immediately."""
+    audit_record("key.revoke", status="started", detail=f"key {key_id[:64]}")
     info = State.container().api_keys.revoke(key_id)
+    audit_record("key.revoke", detail=f"key {info.key_id}")
     out.print(f"revoked {info.key_id} ({info.name})")
 
 

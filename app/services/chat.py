@@ -6,7 +6,7 @@ import re
 import time
 from contextlib import aclosing
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -15,6 +15,7 @@ from app.conversations import ConversationStore, new_id
 from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest
 from llm.prompt import ContextBlock, PromptBuilder
 from retrieval.retriever import Retriever
+from security.pii import PiiRedactor
 from security.principal import Principal
 
 _CITATION = re.compile(r"\[(\d{1,2})\]")
@@ -46,11 +47,13 @@ class PreparedChat:
 
 
 class ChatService:
-    def __init__(self, retriever: Retriever, engine: Engine, conversations: ConversationStore, snippet_chars: int = 300):
+    def __init__(self, retriever: Retriever, engine: Engine, conversations: ConversationStore, snippet_chars: int = 300,
+                 answer_redactor: PiiRedactor | None = None):
         self.retriever = retriever
         self.engine = engine
         self.conversations = conversations
         self.snippet_chars = snippet_chars
+        self.answer_redactor = answer_redactor  # generation.redact_answers
 
     async def prepare(self, chat: ChatInput, reader: Principal) -> PreparedChat:
         """Retrieve what the reader may see and build the prompt (raises PromptTooLong when it can't fit)."""
@@ -86,6 +89,7 @@ class ChatService:
         model = self.engine.name
         first = last = None
         outcome = "cancelled"  # unless the stream ends or fails below: the consumer closed it early
+        redacting = self.answer_redactor.streaming() if self.answer_redactor is not None else None
         metrics.ENGINE.started()
         try:
             async with aclosing(self.engine.stream(prepared.request)) as chunks:
@@ -101,6 +105,9 @@ class ChatService:
                         metrics.GENERATED_TOKENS.labels(model).inc(chunk.completion_tokens)
                         if first is not None and chunk.completion_tokens > 1:
                             metrics.INTER_TOKEN_LATENCY.labels(model).observe((last - first) / (chunk.completion_tokens - 1))
+                    if redacting is not None:  # text is held back until no PII can still reach into it
+                        text = redacting.feed(chunk.text) + (redacting.flush() if chunk.finish_reason else "")
+                        chunk = replace(chunk, text=text)
                     yield chunk
         except EngineBusy:
             outcome = "rejected"

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from app.api.audit import AuditTrail, trail
 from app.api.deps import container, require
 from app.api.errors import ApiError
 from app.container import Container
@@ -41,23 +42,29 @@ async def list_kbs(c: Container = Depends(container), who: Principal = Depends(r
 
 
 @router.post("/v1/knowledge_bases", status_code=201, summary="Create a knowledge base")
-async def create_kb(body: KnowledgeBaseIn, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
-    await run_in_threadpool(c.kb_store.ensure_kb, body.name)
+async def create_kb(body: KnowledgeBaseIn, c: Container = Depends(container), _: Principal = Depends(admin),
+                    audit: AuditTrail = Depends(trail)) -> dict:
+    async with audit.action("kb.create", intent=True, knowledge_base=body.name):
+        await run_in_threadpool(c.kb_store.ensure_kb, body.name)
     return {"name": body.name}
 
 
 @router.delete("/v1/knowledge_bases/{name}", summary="Delete a knowledge base with all its documents")
-async def delete_kb(name: str, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
-    await run_in_threadpool(c.kb_store.get_kb, name)
-    await run_in_threadpool(c.kb_store.delete_kb, name)
-    c.retriever.forget(name)
+async def delete_kb(name: str, c: Container = Depends(container), _: Principal = Depends(admin),
+                    audit: AuditTrail = Depends(trail)) -> dict:
+    async with audit.action("kb.delete", intent=True, knowledge_base=name):
+        await run_in_threadpool(c.kb_store.get_kb, name)
+        await run_in_threadpool(c.kb_store.delete_kb, name)
+        c.retriever.forget(name)
     return {"name": name, "deleted": True}
 
 
 @router.get("/v1/knowledge_bases/{name}/documents", summary="Documents of a knowledge base")
-async def list_documents(name: str, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
-    await run_in_threadpool(c.kb_store.get_kb, name)
-    docs = await run_in_threadpool(c.kb_store.documents, name)
+async def list_documents(name: str, c: Container = Depends(container), _: Principal = Depends(admin),
+                         audit: AuditTrail = Depends(trail)) -> dict:
+    async with audit.action("document.list", knowledge_base=name):
+        await run_in_threadpool(c.kb_store.get_kb, name)
+        docs = await run_in_threadpool(c.kb_store.documents, name)
     return {"data": [{"id": d.id, "source": d.source, "title": d.title, "file_type": d.file_type,
                       "groups": json.loads(d.groups), "chunks": d.chunk_count, "size": d.size,
                       "ingested_at": d.ingested_at.isoformat() if d.ingested_at else None} for d in docs]}
@@ -66,9 +73,17 @@ async def list_documents(name: str, c: Container = Depends(container), _: Princi
 @router.post("/v1/knowledge_bases/{name}/documents", status_code=201, summary="Upload and ingest a document")
 async def upload_document(
     name: str, file: UploadFile = File(...), groups: str = Form(""),
-    c: Container = Depends(container), _: Principal = Depends(admin),
+    c: Container = Depends(container), _: Principal = Depends(admin), audit: AuditTrail = Depends(trail),
 ) -> dict:
     filename = _SAFE_NAME.sub("_", Path(file.filename or "").name).strip(" .")
+    async with audit.action("document.upload", intent=True, knowledge_base=name, detail=f"file {filename}") as act:
+        doc, report = await _ingest_upload(name, file, filename, groups, c)
+        act.update(detail=f"file {filename}; document {doc.id}; sha256 {doc.content_hash}; groups {doc.groups}")
+    return {"id": doc.id, "source": doc.source, "chunks": doc.chunk_count, "groups": json.loads(doc.groups),
+            "added": report.added, "updated": report.updated}
+
+
+async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str, c: Container):
     if not filename or file_type_for(Path(filename)) is None:
         raise ApiError(415, "unsupported or missing file name; supported: .txt .md .rst .html .pdf .docx .csv",
                        "unsupported_file_type", "file")
@@ -86,21 +101,24 @@ async def upload_document(
         target.unlink(missing_ok=True)
         raise ApiError(400, f"{filename}: {report.failures[0].reason}", "unreadable_document", "file")
     doc = next(d for d in c.kb_store.documents(name, root=str(folder)) if d.source == filename)
-    return {"id": doc.id, "source": doc.source, "chunks": doc.chunk_count, "groups": json.loads(doc.groups),
-            "added": report.added, "updated": report.updated}
+    return doc, report
 
 
 @router.delete("/v1/knowledge_bases/{name}/documents/{document_id}", summary="Remove a document")
-async def delete_document(name: str, document_id: int, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
-    removed = await run_in_threadpool(c.pipeline.remove, name, str(document_id))
-    if not removed:
-        raise ApiError(404, f"no document {document_id} in {name!r}", "document_not_found", "document_id")
+async def delete_document(name: str, document_id: int, c: Container = Depends(container), _: Principal = Depends(admin),
+                          audit: AuditTrail = Depends(trail)) -> dict:
+    async with audit.action("document.remove", intent=True, knowledge_base=name, detail=f"document {document_id}"):
+        removed = await run_in_threadpool(c.pipeline.remove, name, str(document_id))
+        if not removed:
+            raise ApiError(404, f"no document {document_id} in {name!r}", "document_not_found", "document_id")
     return {"id": document_id, "deleted": True}
 
 
 @router.get("/v1/ingest/runs", summary="Recent ingestion runs and their status")
-async def ingest_runs(c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
-    runs = await run_in_threadpool(c.kb_store.recent_runs, 20)
+async def ingest_runs(c: Container = Depends(container), _: Principal = Depends(admin),
+                      audit: AuditTrail = Depends(trail)) -> dict:
+    async with audit.action("ingest.runs"):
+        runs = await run_in_threadpool(c.kb_store.recent_runs, 20)
     return {"data": [{**r, "started_at": str(r["started_at"]), "finished_at": str(r["finished_at"] or "")} for r in runs]}
 
 
@@ -113,29 +131,44 @@ class KeyIn(BaseModel):
 
 
 @router.get("/v1/keys", summary="API keys (never the secrets)")
-async def list_keys(c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
-    keys = await run_in_threadpool(c.api_keys.list)
+async def list_keys(c: Container = Depends(container), _: Principal = Depends(admin),
+                    audit: AuditTrail = Depends(trail)) -> dict:
+    async with audit.action("key.list"):
+        keys = await run_in_threadpool(c.api_keys.list)
     return {"data": [_key(k) for k in keys]}
 
 
 @router.post("/v1/keys", status_code=201, summary="Create an API key; the key is returned once")
-async def create_key(body: KeyIn, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
-    try:
-        token, info = await run_in_threadpool(
-            c.api_keys.create, body.name, body.role, body.groups, body.knowledge_base,
-            timedelta(days=body.expires_days) if body.expires_days else None)
-    except ApiKeyError as exc:
-        raise ApiError(400, str(exc), "invalid_key_request") from None
+async def create_key(body: KeyIn, c: Container = Depends(container), _: Principal = Depends(admin),
+                     audit: AuditTrail = Depends(trail)) -> dict:
+    wanted = f"name {body.name!r}; role {body.role}; groups {','.join(body.groups)}; kb {body.knowledge_base or '-'}"
+    async with audit.action("key.create", intent=True, knowledge_base=body.knowledge_base, detail=wanted) as act:
+        try:
+            token, info = await run_in_threadpool(
+                c.api_keys.create, body.name, body.role, body.groups, body.knowledge_base,
+                timedelta(days=body.expires_days) if body.expires_days else None)
+        except ApiKeyError as exc:
+            raise ApiError(400, str(exc), "invalid_key_request") from None
+        act.update(detail=f"created key {info.key_id}; {wanted}")  # the key id, never the key
     return {"key": token, **_key(info)}
 
 
 @router.delete("/v1/keys/{key_id}", summary="Revoke an API key")
-async def revoke_key(key_id: str, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
-    try:
-        info = await run_in_threadpool(c.api_keys.revoke, key_id)
-    except ApiKeyError as exc:
-        raise ApiError(404, str(exc), "key_not_found", "key_id") from None
+async def revoke_key(key_id: str, c: Container = Depends(container), _: Principal = Depends(admin),
+                     audit: AuditTrail = Depends(trail)) -> dict:
+    async with audit.action("key.revoke", intent=True, detail=f"key {key_id[:64]}"):
+        try:
+            info = await run_in_threadpool(c.api_keys.revoke, key_id)
+        except ApiKeyError as exc:
+            raise ApiError(404, str(exc), "key_not_found", "key_id") from None
     return _key(info)
+
+
+@router.get("/v1/admin/audit/status", summary="Audit chain: length, last seq, verification, last signed checkpoint")
+async def audit_status(c: Container = Depends(container), _: Principal = Depends(admin),
+                       audit: AuditTrail = Depends(trail)) -> dict:
+    async with audit.action("audit.status"):
+        return await run_in_threadpool(c.audit_log.status)
 
 
 def _key(info) -> dict:

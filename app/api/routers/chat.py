@@ -12,7 +12,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import check_kb_access, container, principal, readable_groups, require
-from app.api.errors import ApiError, error_body
+from app.api.audit import AuditTrail, AuditUnavailable, trail
+from app.api.errors import AUDIT_UNAVAILABLE, ApiError, error_body
 from app.container import Container
 from app.services.chat import ChatInput, ChatService
 from llm.engine import ChatMessage, EngineError
@@ -76,26 +77,35 @@ def _chat_input(body: ChatCompletionRequest, cap: int) -> ChatInput:
 @router.post("/v1/chat/completions", summary="Chat completion grounded in the knowledge base (OpenAI schema)")
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, c: Container = Depends(container),
-    who: Principal = Depends(require("user", "service")),
+    who: Principal = Depends(require("user", "service")), audit: AuditTrail = Depends(trail),
 ):
-    chat = _chat_input(body, c.settings.generation.max_new_tokens)
-    if chat.rag:
-        check_kb_access(who, chat.knowledge_base)
-    service = _service(c)
-    reader = readable_groups(who, c.settings.ingest.default_groups)
-    prepared = await service.prepare(chat, reader)
+    act = audit.action("chat", query=body.messages[-1].content, generation=True,
+                       knowledge_base=body.knowledge_base if body.rag else None)
+    try:
+        chat = _chat_input(body, c.settings.generation.max_new_tokens)
+        if chat.rag:
+            check_kb_access(who, chat.knowledge_base)
+        service = _service(c)
+        reader = readable_groups(who, c.settings.ingest.default_groups)
+        prepared = await service.prepare(chat, reader)
+    except BaseException as exc:
+        await act.finish(exc)  # refused or failed requests are recorded too
+        raise
+    act.update(chunk_ids=[s["chunk_id"] for s in prepared.sources], detail=f"completion {prepared.completion_id}")
     model = body.model or c.settings.generation.model
     public_sources = [{k: v for k, v in s.items() if k != "text"} for s in prepared.sources]
 
     if not body.stream:
-        parts, last = [], None
-        async with aclosing(service.stream(prepared)) as stream:
-            async for chunk in stream:
-                parts.append(chunk.text)
-                last = chunk
-        answer = "".join(parts)
-        conversation = await run_in_threadpool(
-            service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens)
+        async with act:  # the answer leaves only once its record is written
+            parts, last = [], None
+            async with aclosing(service.stream(prepared)) as stream:
+                async for chunk in stream:
+                    parts.append(chunk.text)
+                    last = chunk
+            answer = "".join(parts)
+            act.update(answer=answer, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens)
+            conversation = await run_in_threadpool(
+                service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens)
         return {
             "id": prepared.completion_id, "object": "chat.completion", "created": prepared.created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
@@ -109,27 +119,46 @@ async def chat_completions(
                    "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
+    # Streamed: the "started" record (question, retrieved chunk ids) is written before the first
+    # byte, so a failing audit log fails the request with a plain 503; the outcome record (answer
+    # sha256, tokens) follows when the stream ends, and if it cannot be written the stream ends with
+    # an audit_unavailable error event instead of [DONE].
+    await act.start()
+
     async def events():
         parts, last = [], None
-        yield event({"role": "assistant", "content": ""}, sources=public_sources)
         try:
-            # A client that disconnects closes this generator, and aclosing closes the engine's
-            # stream at once, which frees the request's slot in the running batch.
-            async with aclosing(service.stream(prepared)) as stream:
-                async for chunk in stream:
-                    parts.append(chunk.text)
-                    last = chunk
-                    if chunk.text:
-                        yield event({"content": chunk.text})
-        except EngineError as exc:
-            yield f"data: {json.dumps(error_body(502, f'generation failed: {exc}', 'engine_error'))}\n\n"
-            return
-        answer = "".join(parts)
-        conversation = await run_in_threadpool(
-            service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens)
-        yield event({}, last.finish_reason if last.finish_reason != "cancelled" else "stop",
-                    usage=_usage(last.prompt_tokens, last.completion_tokens), conversation_id=conversation)
-        yield "data: [DONE]\n\n"
+            yield event({"role": "assistant", "content": ""}, sources=public_sources)
+            try:
+                # A client that disconnects closes this generator, and aclosing closes the engine's
+                # stream at once, which frees the request's slot in the running batch.
+                async with aclosing(service.stream(prepared)) as stream:
+                    async for chunk in stream:
+                        parts.append(chunk.text)
+                        last = chunk
+                        if chunk.text:
+                            yield event({"content": chunk.text})
+            except EngineError as exc:
+                await act.finish(exc)
+                yield f"data: {json.dumps(error_body(502, f'generation failed: {exc}', 'engine_error'))}\n\n"
+                return
+            answer = "".join(parts)
+            act.update(answer=answer, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens)
+            conversation = await run_in_threadpool(
+                service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens)
+            await act.finish()
+            yield event({}, last.finish_reason if last.finish_reason != "cancelled" else "stop",
+                        usage=_usage(last.prompt_tokens, last.completion_tokens), conversation_id=conversation)
+            yield "data: [DONE]\n\n"
+        except AuditUnavailable:
+            yield f"data: {json.dumps(error_body(503, AUDIT_UNAVAILABLE, 'audit_unavailable'))}\n\n"
+        finally:
+            if not act.done:  # the client went away: record what was sent (no awaiting while cancelled)
+                try:
+                    act.finish_sync("cancelled", answer="".join(parts),
+                                    completion_tokens=last.completion_tokens if last else None)
+                except AuditUnavailable:
+                    pass  # counted; there is nobody left to tell
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from app.api.audit import AuditTrail, trail
 from app.api.deps import container, principal
 from app.api.errors import ApiError
 from app.container import Container
@@ -33,13 +34,17 @@ class EmbeddingRequest(BaseModel):
 
 
 @router.post("/v1/embeddings", summary="Embed texts with the knowledge-base embedder (OpenAI schema)")
-async def embeddings(body: EmbeddingRequest, c: Container = Depends(container), _: Principal = Depends(principal)) -> dict:
+async def embeddings(body: EmbeddingRequest, c: Container = Depends(container), _: Principal = Depends(principal),
+                     audit: AuditTrail = Depends(trail)) -> dict:
     texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts or len(texts) > 256 or any(not t or len(t) > 8000 for t in texts):
-        raise ApiError(400, "input must be 1-256 non-empty texts of at most 8,000 characters", "invalid_input", "input")
-    if body.model not in (None, c.settings.embedding.model):
-        raise ApiError(404, f"model {body.model!r} not found; use {c.settings.embedding.model!r}", "model_not_found", "model")
-    vectors = await run_in_threadpool(c.embedder.embed_passages, texts)
+    # Inputs are often whole documents: the record keeps their sha256 and count, not their text.
+    async with audit.action("embeddings", query=texts, keep_query_text=False, model=c.settings.embedding.model,
+                            detail=f"inputs={len(texts)}"):
+        if not texts or len(texts) > 256 or any(not t or len(t) > 8000 for t in texts):
+            raise ApiError(400, "input must be 1-256 non-empty texts of at most 8,000 characters", "invalid_input", "input")
+        if body.model not in (None, c.settings.embedding.model):
+            raise ApiError(404, f"model {body.model!r} not found; use {c.settings.embedding.model!r}", "model_not_found", "model")
+        vectors = await run_in_threadpool(c.embedder.embed_passages, texts)
     tokens = sum(len(t.split()) for t in texts)
 
     def encode(vector):  # base64 of little-endian float32, what the openai client asks for by default
