@@ -205,18 +205,24 @@ class PromptBuilder:
 
 # Fence tags (<context ...>, </context>) and chat-template control tokens of the common families:
 # <|im_start|> <|im_end|> <|user|> <|endoftext|> (ChatML, GLM-4, ...), <s> </s>, [INST] [/INST],
-# <<SYS>>, [gMASK] <sop> <eop> (ChatGLM). Their first character is swapped for a look-alike, which
-# keeps the text readable but no longer matches the fence or the tokenizer's special token.
+# <<SYS>>, [gMASK] <sop> <eop> (ChatGLM), [Round N] (ChatGLM2's plain-text turns). Their first
+# character is swapped for a look-alike, which keeps the text readable but no longer matches the
+# fence, the tokenizer's special token or the template's turn marker.
 _CONTROL = re.compile(
-    r"<(?=\s*/?\s*context\b)|<(?=\|)|<(?=/?s>)|<(?=/?SYS>>)|<(?=[se]op>)|\[(?=/?INST\])|\[(?=[gs]?MASK\])",
+    r"<(?=\s*/?\s*context\b)|<(?=\|)|<(?=/?s>)|<(?=/?SYS>>)|<(?=[se]op>)|\[(?=/?INST\])|\[(?=[gs]?MASK\])"
+    r"|\[(?=\s*Round\s*\d+\s*\])",  # ChatGLM2's turns are plain text: "[Round 2]\n\n问：..."
     re.IGNORECASE,
 )
 _LOOKALIKE = {"<": "\u2039", "[": "\uff3b"}  # ‹ and ［
+# ChatGLM2 separates question and answer by "\n\n问：" and "\n\n答：": that exact sequence gets an
+# ASCII colon (FAQ-style text with 问：/答： at a line start after a single newline is left alone).
+_GLM2_TURN = re.compile(r"(?<=\n\n[问答])：")
 
 
 def neutralise(text: str, special_tokens: Sequence[str] = ()) -> str:
     """Defuse fence tags and chat control tokens in untrusted text (see module docstring)."""
     text = _CONTROL.sub(lambda m: _LOOKALIKE[m.group(0)], text)
+    text = _GLM2_TURN.sub(":", text)
     for token in special_tokens:  # longest first, so a token containing another is handled whole
         if token in text:
             text = text.replace(token, _LOOKALIKE.get(token[0], token[0] + "\u200b") + token[1:])

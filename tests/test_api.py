@@ -222,3 +222,108 @@ def test_openapi_schema_conformance(server, tmp_path: Path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=3000, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "passed" in result.stdout.lower()
+
+
+# --- audit: every access leaves a record; no record, no answer -------------------------------------
+
+def _records(server, since: int = 1) -> list[dict]:
+    return list(server["container"].audit_log.records(since))
+
+
+def _next_seq(server) -> int:
+    return server["container"].audit_log.head()["seq"] + 1
+
+
+def test_every_access_and_change_is_audited(server):
+    start = _next_seq(server)
+    keys = server["keys"]
+    with http(server, "user") as staff, http(server, "admin") as admin, http(server, "bot") as bot:
+        found = staff.post("/v1/search", json={"query": "leave policy for li.wei@corp.example.cn, 13812345678"},
+                           headers={"X-Request-ID": "req-search-1"})
+        assert found.status_code == 200 and found.headers["x-request-id"] == "req-search-1"
+        chat = staff.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4})
+        with staff.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4, "stream": True}) as streamed:
+            body = "".join(streamed.iter_text())
+        assert "[DONE]" in body
+        assert staff.post("/v1/embeddings", json={"input": ["annual leave"]}).status_code == 200
+        forged = "enc_abcdefabcdef_" + "x" * 43
+        assert httpx.post(f"{server['base']}/v1/search", json={"query": "x"},
+                          headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+        assert bot.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}).status_code == 403
+        assert staff.get("/v1/keys").status_code == 403
+        made = admin.post("/v1/keys", json={"name": "audited", "role": "user"}).json()
+        assert admin.delete(f"/v1/keys/{made['id']}").status_code == 200
+        assert admin.post("/v1/knowledge_bases", json={"name": "audit-kb"}).status_code == 201
+        up = admin.post("/v1/knowledge_bases/audit-kb/documents", files={"file": ("a.md", b"# A\n\nAudited text.\n")})
+        assert admin.delete(f"/v1/knowledge_bases/audit-kb/documents/{up.json()['id']}").status_code == 200
+        assert admin.delete("/v1/knowledge_bases/audit-kb").status_code == 200
+        status = admin.get("/v1/admin/audit/status").json()
+    assert status["verified"] is True and status["last_seq"] >= start and status["signing_key_id"]
+
+    records = _records(server, start)
+    actions = [(r["action"], r["status"]) for r in records]
+    for expected in [("search", "ok"), ("chat", "ok"), ("chat", "started"), ("embeddings", "ok"),
+                     ("auth.failure", "denied"), ("chat", "denied"), ("access.denied", "denied"),
+                     ("key.create", "started"), ("key.create", "ok"), ("key.revoke", "ok"), ("kb.create", "ok"),
+                     ("document.upload", "started"), ("document.upload", "ok"), ("document.remove", "ok"),
+                     ("kb.delete", "ok"), ("audit.status", "ok")]:
+        assert expected in actions, expected
+    search = next(r for r in records if r["action"] == "search")
+    assert search["request_id"] == "req-search-1" and search["role"] == "user" and search["source_ip"] == "127.0.0.1"
+    assert search["query_text"] == "leave policy for [EMAIL], [PHONE]"  # redacted by the default policy
+    assert search["key_id"] and search["subject"] == f"key:{search['key_id']}"
+    assert json.loads(search["chunk_ids"]) == [r["chunk_id"] for r in found.json()["results"]]
+    chats = [r for r in records if r["action"] == "chat" and r["status"] == "ok"]
+    assert len(chats) == 2  # the plain answer and the end of the streamed one
+    plain = chats[0]
+    import hashlib
+    answer = chat.json()["choices"][0]["message"]["content"]
+    assert plain["answer_sha256"] == hashlib.sha256(answer.encode()).hexdigest()
+    assert plain["model"] == "smollm2-135m-instruct" and plain["completion_tokens"] == chat.json()["usage"]["completion_tokens"]
+    assert json.loads(plain["chunk_ids"]) == [s["chunk_id"] for s in chat.json()["sources"]]
+    assert plain["latency_ms"] > 0 and plain["query_sha256"] == hashlib.sha256(QUESTION.encode()).hexdigest()
+    failure = next(r for r in records if r["action"] == "auth.failure")
+    assert failure["key_id"] == "abcdefabcdef" and failure["subject"] is None
+    created = next(r for r in records if r["action"] == "key.create" and r["status"] == "ok")
+    assert made["id"] in created["detail"]
+    dump = json.dumps(records)
+    assert made["key"] not in dump and forged not in dump and not any(k in dump for k in keys.values())
+    assert server["container"].audit_log.verify().ok
+
+
+def _failures() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("enclave_audit_write_failures_total") or 0.0
+
+
+def test_audit_write_failure_fails_the_request_closed(server):
+    """The chain head table is renamed away (the database refuses every audit write): nothing is
+    answered, created or streamed, each refusal is counted, and the chain stays whole afterwards."""
+    import sqlalchemy as sa
+
+    container = server["container"]
+    keys_before = len(container.api_keys.list())
+    before = _failures()
+    with container.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE sec_audit_head RENAME TO sec_audit_head_away"))
+    try:
+        with http(server, "user") as staff, http(server, "admin") as admin:
+            responses = [
+                staff.post("/v1/search", json={"query": "leave"}),
+                staff.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
+                                                         "max_tokens": 4, "stream": True}),
+                admin.post("/v1/keys", json={"name": "never", "role": "user"}),
+                httpx.post(f"{server['base']}/v1/search", json={"query": "x"}, headers={"Authorization": "Bearer nope"}),
+            ]
+        for response in responses:
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "audit_unavailable"
+            assert "results" not in response.text and "data:" not in response.text
+    finally:
+        with container.engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE sec_audit_head_away RENAME TO sec_audit_head"))
+    assert len(container.api_keys.list()) == keys_before  # the key was never created
+    assert _failures() - before == len(responses)
+    assert container.audit_log.verify().ok  # no gap, no half-written record

@@ -2,7 +2,7 @@
 
 Chat: sign in, ask, watch the answer stream, open a cited passage, rate the answer, find and continue
 the conversation. Admin: upload a document with access groups, see it listed and ingested, find it
-from the chat page, remove it; create, use and revoke an API key; audit status degrades gracefully.
+from the chat page, remove it; create, use and revoke an API key; the audit chain status is shown.
 
 The bundled model is tiny, so assertions are about structure (streamed text, sources, the passage
 panel), never about the wording of answers. Needs Debian's `chromium` (or ENCLAVE_TEST_CHROMIUM) and
@@ -236,11 +236,12 @@ def test_admin_upload_find_remove_and_keys(browser, enclave_server: EnclaveServe
     page = page_factory()
     sign_in(page, server, "/admin", server.admin_key)
 
-    # Knowledge bases, ingestion runs, audit status (no endpoint yet: shown as not available).
+    # Knowledge bases, ingestion runs, the audit chain (verified: the pill says yes).
     page.locator("#kb-table tbody tr[data-kb='default']").wait_for()
     page.locator("#runs-table tbody tr").first.wait_for()
     assert "finished" in page.locator("#runs-table tbody").inner_text()
-    page.locator("#audit-body", has_text="not available").wait_for()
+    page.locator("#audit-body dt", has_text="verified").wait_for()
+    assert page.locator("#audit-body .status-pill.ok").first.inner_text() == "yes"
     assert page.locator("#doc-table tbody tr[data-source='leave-policy.md']").count() == 1
 
     # Upload a document with access groups; it is ingested and listed.

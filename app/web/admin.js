@@ -312,7 +312,7 @@ async function loadAudit() {
   const button = $("audit-refresh");
   button.disabled = true;
   try {
-    const status = await api("/v1/audit/status");
+    const status = await api("/v1/admin/audit/status");
     const entries = Object.entries(status || {});
     replaceChildren(body, entries.length
       ? h("dl", { class: "kv" }, entries.map(([k, v]) => [h("dt", {}, k.replace(/_/g, " ")), h("dd", {}, auditValue(v))]))
