@@ -196,3 +196,19 @@ def test_embedder_mismatch_is_refused(store: KnowledgeBaseStore, pipeline: Inges
         other.ensure_kb("kb1")
     with pytest.raises(KnowledgeBaseError, match="invalid knowledge base name"):
         store.ensure_kb("../etc")
+
+
+def test_pii_redaction_before_indexing(store: KnowledgeBaseStore, counting: MemoEmbedder, tmp_path: Path):
+    from security.pii import PiiRedactor
+
+    folder = tmp_path / "pii"
+    folder.mkdir()
+    (folder / "contacts.md").write_text(
+        "# Contacts for li.wei@corp.example.cn\n\nCall 13812345678 or pay to 4111 1111 1111 1111. "
+        "ID 11010519491231002X. Order 4111111111111112 stays.\n")
+    redacting = IngestPipeline(store, counting, Chunker(400, 80), default_groups=["everyone"], redact=PiiRedactor().redact)
+    assert redacting.run(folder, "pii").added == 1
+    (doc,) = store.documents("pii")
+    texts = " ".join(c.text for c in store.chunks(store.chunk_ids("pii").tolist()).values())
+    assert "[PHONE]" in texts and "[CARD]" in texts and "[CN_ID]" in texts and "4111111111111112" in texts
+    assert "13812345678" not in texts and "11010519491231002X" not in texts and "li.wei@" not in texts + doc.title
