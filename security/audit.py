@@ -135,15 +135,21 @@ class AuditSigner:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             pem = Ed25519PrivateKey.generate().private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            # Written completely under a private name, then linked into place: a process starting at
+            # the same moment either sees no key or the whole key, and the first link wins.
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never world-readable
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never world-readable
-            except FileExistsError:
-                pass  # another process created it first: use theirs
-            else:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(pem)
                     handle.flush()
                     os.fsync(handle.fileno())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass  # another process created it first: use theirs
+            finally:
+                tmp.unlink(missing_ok=True)
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise AuditError(f"{path} does not hold an Ed25519 private key")
