@@ -41,6 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from security.tables import AuditCheckpointRow, AuditHeadRow, AuditRecordRow
@@ -351,7 +352,14 @@ class AuditLog:
             query = query.with_for_update()  # SQLite: BEGIN IMMEDIATE already holds the write lock
         row = conn.execute(query).first()
         if row is None:
-            raise AuditError("the audit chain head row is missing (database not migrated, or tampered with)")
+            # First append ever: create the head of the empty chain (a restore or a concurrent first
+            # writer may have made it already: insert-or-ignore, then lock it). A missing head next
+            # to existing records means someone removed it.
+            if conn.execute(sa.select(RECORDS.c.seq).limit(1)).first() is not None:
+                raise AuditError("the audit chain head row is missing while records exist (tampered with)")
+            dialect = postgresql if not self._sqlite else sqlite
+            conn.execute(dialect.insert(HEAD).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing())
+            row = conn.execute(query).first()
         return int(row.seq), row.hash
 
     def _insert_checkpoint(self, conn, seq: int, hash_: str) -> dict[str, Any]:

@@ -102,6 +102,17 @@ def test_deleted_tail_is_detected(log: AuditLog):
     assert not report.ok and report.first_broken_seq == 8 and 8 in report.checkpoint_mismatches
 
 
+def test_removed_head_row_is_detected_and_refuses_appends(log: AuditLog):
+    from security.audit import AuditError
+
+    fill(log, 3)
+    execute(log, HEAD.delete())
+    with pytest.raises(AuditError, match="head row is missing"):
+        log.append(event(4))
+    report = log.verify()
+    assert not report.ok and report.first_broken_seq == 1  # the (absent) head says 0 records
+
+
 def test_reordered_records_are_detected(log: AuditLog):
     fill(log)
     execute(log, RECORDS.update().where(RECORDS.c.seq == 3).values(seq=-3),

@@ -46,14 +46,14 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('sec_audit_record', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_sec_audit_record_time'), ['time'], unique=False)
-    head = op.create_table(
+    # Its one row is created by the first append (not here: a restored backup brings its own).
+    op.create_table(
         'sec_audit_head',
         sa.Column('id', sa.Integer(), nullable=False),
         sa.Column('seq', sa.BigInteger(), nullable=False),
         sa.Column('hash', S(length=64), nullable=False),
         sa.PrimaryKeyConstraint('id'),
     )
-    op.bulk_insert(head, [{'id': 1, 'seq': 0, 'hash': '0' * 64}])  # the empty chain
     op.create_table(
         'sec_audit_checkpoint',
         sa.Column('id', sa.Integer(), nullable=False),
