@@ -22,6 +22,8 @@ from retrieval.store import KnowledgeBaseStore
 from security.api_keys import ApiKeyService
 from security.audit import AuditLog, AuditSigner, load_public_key
 from security.pii import PiiRedactor
+from security.jwt_auth import OidcConfig, OidcValidator
+from security.rate_limit import RateLimiter
 
 
 class Container:
@@ -37,6 +39,33 @@ class Container:
     @cached_property
     def api_keys(self) -> ApiKeyService:
         return ApiKeyService(self.engine, self._api_key_secret())
+
+    @cached_property
+    def oidc(self) -> OidcValidator | None:
+        """JWT bearer-token validation, or None when no issuer is configured."""
+        cfg = self.settings.security.oidc
+        if cfg.issuer is None:
+            return None
+        return OidcValidator(OidcConfig(
+            issuer=cfg.issuer, audience=cfg.audience, jwks_url=cfg.jwks_url, jwks_file=cfg.jwks_file,
+            algorithms=tuple(cfg.algorithms), leeway_seconds=cfg.leeway_seconds, subject_claim=cfg.subject_claim,
+            groups_claim=cfg.groups_claim, admin_groups=tuple(cfg.admin_groups), service_groups=tuple(cfg.service_groups),
+            knowledge_base_claim=cfg.knowledge_base_claim, jwks_cache_seconds=cfg.jwks_cache_seconds,
+        ))
+
+    @cached_property
+    def rate_limiter(self) -> RateLimiter | None:
+        cfg = self.settings.security
+        if cfg.rate_limit_per_minute == 0:
+            return None
+        return RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst, cfg.rate_limit_storage, "principal")
+
+    @cached_property
+    def auth_failure_limiter(self) -> RateLimiter | None:
+        cfg = self.settings.security
+        if cfg.auth_failures_per_minute == 0:
+            return None
+        return RateLimiter(cfg.auth_failures_per_minute, None, cfg.rate_limit_storage, "authfail")
 
     def _api_key_secret(self) -> bytes:
         configured = self.settings.security.api_key_secret

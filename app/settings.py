@@ -8,6 +8,7 @@ libraries receive plain values from it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -100,10 +101,51 @@ class RetrievalSettings(BaseModel):
     query_cache_size: int = Field(1024, ge=0)
 
 
+_ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+class OidcSettings(BaseModel):
+    """OIDC/JWT bearer tokens from the organisation's identity provider (off while issuer is null)."""
+
+    issuer: str | None = Field(None, description="expected `iss`; null: JWT bearer tokens are not accepted")
+    audience: str | None = Field(None, description="expected `aud` (required when issuer is set)")
+    jwks_url: str | None = Field(None, description="the provider's JWKS endpoint (https)")
+    jwks_file: Path | None = Field(None, description="a local JWKS JSON file (air-gapped sites)")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+    leeway_seconds: int = Field(30, ge=0, le=300, description="clock skew allowed on exp/nbf/iat")
+    subject_claim: str = "sub"
+    groups_claim: str = Field("groups", description="claim holding groups (dotted path, e.g. realm_access.roles)")
+    admin_groups: list[str] = Field(default_factory=list, description="members of these groups are admins")
+    service_groups: list[str] = Field(default_factory=list, description="members of these groups are service accounts")
+    knowledge_base_claim: str = Field("enclave_kb", description="claim pinning a service token to a knowledge base")
+    jwks_cache_seconds: int = Field(300, ge=0)
+
+    @model_validator(mode="after")
+    def _pinned(self) -> "OidcSettings":
+        bad = [a for a in self.algorithms if a not in _ASYMMETRIC]
+        if bad:
+            raise ValueError(f"security.oidc.algorithms: {bad[0]!r} is not allowed; use asymmetric algorithms "
+                             f"({', '.join(_ASYMMETRIC)}), never 'none' or HS*")
+        if self.issuer is not None:
+            if not self.audience:
+                raise ValueError("security.oidc.audience is required when security.oidc.issuer is set")
+            if (self.jwks_url is None) == (self.jwks_file is None):
+                raise ValueError("security.oidc: set exactly one of jwks_url and jwks_file")
+        return self
+
+
 class SecuritySettings(BaseModel):
     # Secret for the keyed hash of API keys. Default: generated once into
     # <data dir>/secrets/api-key.secret (mode 0600). Several replicas must share one value.
     api_key_secret: SecretStr | None = None
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
+    # Per principal (API key or token subject): a moving window of requests_per_minute, and at
+    # most `burst` requests in the time that many requests take to earn (token-bucket shape).
+    rate_limit_per_minute: int = Field(120, ge=0, description="requests per minute per principal; 0: off")
+    rate_limit_burst: int = Field(30, ge=1)
+    auth_failures_per_minute: int = Field(30, ge=0, description="failed sign-ins per minute per address; 0: off")
+    # `limits` storage URI: memory:// is per process; redis://host:6379 shares limits between workers.
+    rate_limit_storage: str = "memory://"
 
 
 class AuditSettings(BaseModel):
@@ -125,7 +167,26 @@ class ServerSettings(BaseModel):
     workers: int = Field(1, ge=1, description="processes; each loads its own model copy")
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="CA bundle for client certificates: mutual TLS, required")
     max_body_mb: float = Field(60.0, gt=0, description="request body cap (uploads included)")
+    # Client addresses (CIDR) allowed to connect; empty: every address. The default admits loopback only.
+    ip_allowlist: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Direct peers whose X-Forwarded-For is believed (CIDR), e.g. the nginx in front; empty: none.
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _tls_and_networks(self) -> "ServerSettings":
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("server.tls_certfile and server.tls_keyfile go together")
+        if self.tls_client_ca is not None and self.tls_certfile is None:
+            raise ValueError("server.tls_client_ca (mutual TLS) needs server.tls_certfile and tls_keyfile")
+        for name in ("ip_allowlist", "trusted_proxies"):
+            for value in getattr(self, name):
+                try:
+                    ipaddress.ip_network(value, strict=False)
+                except ValueError:
+                    raise ValueError(f"server.{name}: {value!r} is not an IP address or CIDR network") from None
+        return self
 
 
 class LoggingSettings(BaseModel):

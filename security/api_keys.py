@@ -79,6 +79,8 @@ class ApiKeyService:
             raise ApiKeyError(f"invalid group name {bad[0]!r}")
         if not name.strip() or len(name) > 128:
             raise ApiKeyError("a key needs a name of 1-128 characters")
+        if role == "service" and not knowledge_base:
+            raise ApiKeyError("a service key must be limited to one knowledge base (--kb)")
         key_id = secrets.token_hex(6)
         token = f"{TOKEN_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
         row = ApiKeyRow(

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from app import metrics as app_metrics
-from app.api import errors
+from app.api import errors, network
 from app.api.audit import record_denial
 from app.api.middleware import RequestContextMiddleware
 from app.api.routers import admin, chat, health, metrics, models, search
@@ -52,24 +52,28 @@ def create_app(container: Container) -> FastAPI:
     )
     app.state.container = container
     errors.install(app, on_denied=record_denial)
-    max_body = int(container.settings.server.max_body_mb * 1024 * 1024)
+    server = container.settings.server
+    # Built now so that a broken OIDC configuration (unreadable JWKS file) stops the start.
+    _ = (container.oidc, container.rate_limiter, container.auth_failure_limiter)
 
     @app.middleware("http")
-    async def body_limit_and_headers(request: Request, call_next):
+    async def security_headers(request: Request, call_next):
         request.state.started = time.perf_counter()  # audit records carry the latency from here
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return errors.error_response(413, f"request body larger than {max_body // 2**20} MiB", "body_too_large")
         response = await call_next(request)
         # The pages load nothing from elsewhere and use no inline code: a strict policy costs nothing.
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.url.scheme == "https":
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         if not request.url.path.startswith(("/v1/", "/docs", "/redoc", "/openapi")):
             response.headers.setdefault("Content-Security-Policy", CSP)
             response.headers.setdefault("X-Frame-Options", "DENY")
         return response
 
-    # Outermost (added last): request id and metrics cover every response, the 413 above included.
+    # Trusted-proxy X-Forwarded-For, the IP allowlist and the body cap (chunked bodies too).
+    network.install(app, ip_allowlist=server.ip_allowlist, trusted_proxies=server.trusted_proxies,
+                    max_body_bytes=int(server.max_body_mb * 1024 * 1024))
+    # Outermost (added last): request id and metrics cover every response, 403 and 413 included.
     app.add_middleware(RequestContextMiddleware)
 
     for module in (health, metrics, models, search, chat, admin):

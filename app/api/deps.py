@@ -2,29 +2,76 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from fastapi import Depends, Request
 
 from app.api.errors import ApiError
 from app.container import Container
+from security.api_keys import TOKEN_PREFIX
+from security.jwt_auth import TokenError
 from security.principal import Principal
+
+log = logging.getLogger("enclave.security")
 
 
 def container(request: Request) -> Container:
     return request.app.state.container
 
 
-def principal(request: Request, c: Container = Depends(container)) -> Principal:
+def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
-    found = c.api_keys.authenticate(token.strip())
-    if found is None:
-        raise ApiError(401, "invalid, expired or revoked API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    who = found[0]
+    return token.strip()
+
+
+def client_address(request: Request) -> str:
+    """The client's address: the direct peer, or the X-Forwarded-For client a trusted proxy names
+    (uvicorn's ProxyHeadersMiddleware rewrote it; see app.api.network)."""
+    return request.client.host if request.client else "unknown"
+
+
+def _too_many(wait: int, what: str) -> ApiError:
+    return ApiError(429, f"rate limit exceeded ({what}); retry in {wait} s", "rate_limit_exceeded",
+                    headers={"Retry-After": str(wait)})
+
+
+def principal(request: Request, c: Container = Depends(container)) -> Principal:
+    """Authenticates the bearer token: `enc_...` is an API key, anything else a JWT when OIDC is on.
+    Then applies the failed-sign-in limit per address and the request limit per principal."""
+    token = _bearer(request)
+    address = client_address(request)
+    failures = c.auth_failure_limiter
+    if failures is not None and (wait := failures.retry_after(address)) is not None:
+        raise _too_many(wait, "failed sign-ins from this address")
+    who: Principal | None = None
+    if token.startswith(f"{TOKEN_PREFIX}_"):
+        found = c.api_keys.authenticate(token)
+        who = found[0] if found else None
+        code, message = "invalid_api_key", "invalid, expired or revoked API key"
+    else:
+        code, message = "invalid_token", "invalid or expired bearer token"
+        if c.oidc is not None:
+            try:
+                who = c.oidc.validate(token)
+            except TokenError as exc:  # the reason goes to the log, never the token
+                log.info("bearer token refused from %s: %s", address, exc)
+        else:
+            message = "invalid API key (bearer tokens other than API keys are not enabled)"
+    if who is None:
+        if failures is not None:
+            failures.hit(address)
+        raise ApiError(401, message, code, headers={"WWW-Authenticate": f'Bearer error="{code}"'})
+    if who.role == "service" and who.knowledge_base is None:
+        # Service accounts only ever act within one knowledge base; an unpinned one is refused.
+        raise ApiError(403, "service accounts must be limited to one knowledge base", "forbidden")
+    limiter = c.rate_limiter
+    if limiter is not None and (wait := limiter.hit(who.subject)) is not None:
+        raise _too_many(wait, f"{c.settings.security.rate_limit_per_minute} requests per minute per key")
     request.state.principal = who
     return who
 
@@ -37,6 +84,7 @@ def require(*roles: str) -> Callable[..., Principal]:
             raise ApiError(403, f"this operation needs one of the roles: {', '.join(('admin', *roles))}", "forbidden")
         return who
 
+    check.roles = frozenset(("admin", *roles))  # read by the RBAC test and docs/security.md's table
     return check
 
 

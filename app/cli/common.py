@@ -56,8 +56,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from app.services.audit import AuditUnavailable
     from security.api_keys import ApiKeyError
     from security.audit import AuditError
+    from security.tls import TlsError
 
-    return (AclError, IngestError, ModelError, KnowledgeBaseError, ApiKeyError, BackupError, FileNotFoundError,
+    return (AclError, IngestError, ModelError, KnowledgeBaseError, ApiKeyError, BackupError, TlsError, FileNotFoundError,
             ValidationError, RuntimeError, AuditError, AuditUnavailable)
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from app.cli.audit_cli import audit_app, record as audit_record
 from app.cli.common import ConfigOption, State, cli_errors, out, set_config
+from app.cli.common import console as err
 
 app = typer.Typer(help="Enclave: self-hosted, permission-aware retrieval-augmented assistant.", no_args_is_help=True)
 models_app = typer.Typer(help="Offline model provisioning.", no_args_is_help=True)
@@ -22,8 +23,11 @@ app.add_typer(backup_app, name="backup")
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+tls_app = typer.Typer(help="TLS: a private CA, the server certificate, client certificates (mutual TLS).",
+                      no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(audit_app, name="audit")
+app.add_typer(tls_app, name="tls")
 
 
 @app.callback()
@@ -172,27 +176,71 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default from config: 8000).")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (each loads the model).")] = None,
 ) -> None:
-    """Run the API and web pages under uvicorn (TLS when server.tls_certfile/keyfile are set)."""
-    import uvicorn
-
+    """Run the API and web pages under uvicorn (TLS 1.3 only when server.tls_certfile/keyfile are set;
+    mutual TLS with server.tls_client_ca)."""
     from app.logs import configure_logging
+    from app.serving import is_loopback, run, uvicorn_config
 
     settings = State.container().settings
     configure_logging(settings.logging.format, settings.logging.level)
     cfg = settings.server
-    host, port, workers = host or cfg.host, port or cfg.port, workers or cfg.workers
+    config = uvicorn_config(settings, host=host, port=port, workers=workers)
     scheme = "https" if cfg.tls_certfile else "http"
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    out.print(f"Enclave serving on [bold]{scheme}://{shown}:{port}/[/] (API docs at /docs); "
+    shown = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    if not cfg.tls_certfile and not is_loopback(config.host):
+        err.print(f"[yellow]warning:[/] serving on {config.host} without TLS: API keys and answers cross the "
+                  "network in clear text. Run `enclave tls init` and set server.tls_certfile/tls_keyfile, "
+                  "or put the nginx in deploy/nginx in front.", highlight=False)
+    if cfg.ip_allowlist and not is_loopback(config.host) and all(
+            n in ("127.0.0.0/8", "::1/128") for n in cfg.ip_allowlist):
+        err.print(f"[yellow]note:[/] server.ip_allowlist admits loopback only: other hosts reaching "
+                  f"{config.host} get 403 until you list their networks.", highlight=False)
+    mtls = " with client certificates (mutual TLS)" if cfg.tls_client_ca else ""
+    out.print(f"Enclave serving on [bold]{scheme}://{shown}:{config.port}/[/]{mtls} (API docs at /docs); "
               "sign in with an API key (`enclave keys create NAME --role admin`).", highlight=False)
-    uvicorn.run(
-        "app.api.asgi:factory", factory=True, host=host, port=port, workers=workers,
-        ssl_certfile=str(cfg.tls_certfile) if cfg.tls_certfile else None,
-        ssl_keyfile=str(cfg.tls_keyfile) if cfg.tls_keyfile else None,
-        # Logging is configured by the app (JSON lines, request ids, no query strings): uvicorn's
-        # own config and access log stay off.
-        log_config=None, access_log=False, log_level=settings.logging.level.lower(), proxy_headers=False,
-    )
+    run(config)
+
+
+def _tls_dir(folder: Path | None) -> Path:
+    return folder if folder is not None else State.container().settings.resolved_data_dir / "tls"
+
+
+TlsDirOption = Annotated[Path | None, typer.Option("--dir", help="TLS folder (default: <data dir>/tls).")]
+KeyTypeOption = Annotated[str, typer.Option("--key-type", help="ec (P-256) | rsa (3072 bits)")]
+
+
+@tls_app.command("init")
+@cli_errors
+def tls_init(
+    folder: TlsDirOption = None,
+    san: Annotated[list[str] | None, typer.Option("--san", help="Extra DNS name or IP address (repeatable).")] = None,
+    key_type: KeyTypeOption = "ec",
+) -> None:
+    """Create the private CA (kept when one exists) and issue the server certificate for localhost,
+    127.0.0.1, ::1 and every --san; keys are written with mode 0600."""
+    from security.tls import init
+
+    files, created = init(_tls_dir(folder), san or [], key_type)
+    out.print(f"{'created' if created else 'kept'} CA {files.ca_cert}; issued {files.server_cert}", highlight=False)
+    out.print("Serve HTTPS (TLS 1.3 only) with, in the config file:\n"
+              f"server:\n  tls_certfile: {files.server_cert}\n  tls_keyfile: {files.server_key}\n"
+              f"  # tls_client_ca: {files.ca_cert}   # mutual TLS: clients need `enclave tls client NAME`\n"
+              f"Clients trust {files.ca_cert} (curl --cacert, SSL_CERT_FILE, REQUESTS_CA_BUNDLE).", highlight=False, soft_wrap=True)
+
+
+@tls_app.command("client")
+@cli_errors
+def tls_client(
+    name: Annotated[str, typer.Argument(help="Client name, becomes the certificate's CN (e.g. helpdesk-bot).")],
+    folder: TlsDirOption = None,
+    key_type: KeyTypeOption = "ec",
+) -> None:
+    """Issue a client certificate signed by the private CA (for server.tls_client_ca, mutual TLS)."""
+    from security.tls import TlsFiles, issue_client
+
+    files = TlsFiles(_tls_dir(folder))
+    issue_client(files, name, key_type)
+    out.print(f"issued {files.client_cert(name)} (key {files.client_key(name)}, mode 0600)", highlight=False, soft_wrap=True)
 
 
 @backup_app.command("create")

@@ -30,7 +30,7 @@ class KnowledgeBaseIn(BaseModel):
 
 
 @router.get("/v1/knowledge_bases", summary="Knowledge bases with document and chunk counts")
-async def list_kbs(c: Container = Depends(container), who: Principal = Depends(require("user", "service"))) -> dict:
+async def list_kbs(c: Container = Depends(container), who: Principal = Depends(require("user"))) -> dict:
     names = await run_in_threadpool(c.kb_store.list_kbs)
     if who.knowledge_base is not None:
         names = [n for n in names if n == who.knowledge_base]

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import check_kb_access, container, principal, readable_groups, require
+from app.api.deps import check_kb_access, container, readable_groups, require
 from app.api.audit import AuditTrail, AuditUnavailable, trail
 from app.api.errors import AUDIT_UNAVAILABLE, ApiError, error_body
 from app.container import Container
@@ -20,6 +20,9 @@ from llm.engine import ChatMessage, EngineError
 from security.principal import Principal
 
 router = APIRouter(tags=["chat"])
+# Conversation history and feedback belong to people: a service account (one bot in front of many
+# customers, one subject) may only chat and search, so one customer never reads another's history.
+people = require("user")
 
 MAX_MESSAGES = 100
 MAX_MESSAGE_CHARS = 32_000
@@ -83,8 +86,11 @@ async def chat_completions(
                        knowledge_base=body.knowledge_base if body.rag else None)
     try:
         chat = _chat_input(body, c.settings.generation.max_new_tokens)
-        if chat.rag:
-            check_kb_access(who, chat.knowledge_base)
+        if who.knowledge_base is not None and not chat.rag:
+            # A pinned key answers from its knowledge base only, never as a general-purpose model.
+            raise ApiError(403, "this key is limited to answers from its knowledge base: rag must be true",
+                           "forbidden", "rag")
+        check_kb_access(who, chat.knowledge_base)
         service = _service(c)
         reader = readable_groups(who, c.settings.ingest.default_groups)
         prepared = await service.prepare(chat, reader)
@@ -169,14 +175,14 @@ def _usage(prompt: int, completion: int) -> dict:
 
 
 @router.get("/v1/conversations", summary="Your conversations, newest first (administrators: everyone's)")
-async def conversations(c: Container = Depends(container), who: Principal = Depends(principal)) -> dict:
+async def conversations(c: Container = Depends(container), who: Principal = Depends(people)) -> dict:
     rows = await run_in_threadpool(c.conversations.list, None if who.is_admin else who.subject)
     return {"data": [{"id": r.id, "title": r.title, "knowledge_base": r.knowledge_base,
                       "created_at": r.created_at.isoformat(), "updated_at": r.updated_at.isoformat()} for r in rows]}
 
 
 @router.get("/v1/conversations/{conversation_id}", summary="One conversation with its messages and cited sources")
-async def conversation(conversation_id: str, c: Container = Depends(container), who: Principal = Depends(principal)) -> dict:
+async def conversation(conversation_id: str, c: Container = Depends(container), who: Principal = Depends(people)) -> dict:
     turns = await run_in_threadpool(c.conversations.turns, conversation_id, None if who.is_admin else who.subject)
     if turns is None:
         raise ApiError(404, "no such conversation", "conversation_not_found", "conversation_id")
@@ -192,7 +198,7 @@ class FeedbackRequest(BaseModel):
 
 
 @router.post("/v1/feedback", summary="Rate an answer (and optionally correct it) for fine-tuning")
-async def feedback(body: FeedbackRequest, c: Container = Depends(container), who: Principal = Depends(principal)) -> dict:
+async def feedback(body: FeedbackRequest, c: Container = Depends(container), who: Principal = Depends(people)) -> dict:
     owner = await run_in_threadpool(c.conversations.completion_owner, body.completion_id)
     if owner is None or (owner != who.subject and not who.is_admin):
         raise ApiError(404, "no such completion", "completion_not_found", "completion_id")

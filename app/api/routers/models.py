@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from app.api.audit import AuditTrail, trail
-from app.api.deps import container, principal
+from app.api.deps import container, require
 from app.api.errors import ApiError
 from app.container import Container
 from security.principal import Principal
@@ -20,7 +20,7 @@ _CREATED = int(time.time())
 
 
 @router.get("/v1/models", summary="Models served here (OpenAI schema)")
-async def list_models(c: Container = Depends(container), _: Principal = Depends(principal)) -> dict:
+async def list_models(c: Container = Depends(container), _: Principal = Depends(require("user", "service"))) -> dict:
     names = [c.settings.generation.model if c.settings.generation.engine == "transformers"
              else (c.settings.generation.openai_model or "remote"), c.settings.embedding.model]
     return {"object": "list", "data": [{"id": n, "object": "model", "created": _CREATED, "owned_by": "enclave"} for n in names]}
@@ -34,7 +34,7 @@ class EmbeddingRequest(BaseModel):
 
 
 @router.post("/v1/embeddings", summary="Embed texts with the knowledge-base embedder (OpenAI schema)")
-async def embeddings(body: EmbeddingRequest, c: Container = Depends(container), _: Principal = Depends(principal),
+async def embeddings(body: EmbeddingRequest, c: Container = Depends(container), _: Principal = Depends(require("user")),
                      audit: AuditTrail = Depends(trail)) -> dict:
     texts = [body.input] if isinstance(body.input, str) else body.input
     # Inputs are often whole documents: the record keeps their sha256 and count, not their text.
