@@ -105,13 +105,16 @@ class OidcValidator:
         key_alg = getattr(key, "_jwk_data", {}).get("alg")
         if key_alg is not None and key_alg != alg:
             raise TokenError(f"token algorithm {alg!r} does not match the key's {key_alg!r}")
+        family = {"R": "RSA", "P": "RSA", "E": "EC"}.get(alg[0], "OKP")  # RS*/PS*, ES*, EdDSA
+        if key.key_type != family:
+            raise TokenError(f"token algorithm {alg!r} does not fit the {key.key_type} key {key.key_id!r}")
         try:
             claims = jwt.decode(
                 token, key.key, algorithms=[alg], audience=self.config.audience, issuer=self.config.issuer,
                 leeway=self.config.leeway_seconds,
                 options={"require": list(self.config.required_claims), "verify_signature": True},
             )
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # PyJWT raises TypeError for a key of the wrong kind
             raise TokenError(f"{type(exc).__name__}: {exc}") from None
         return self._principal(claims)
 
