@@ -38,7 +38,7 @@ PG_URL_FILE := var/postgres.url
 PYTEST_ARGS ?=
 QUESTION ?= How many days of annual leave do employees get?
 
-.PHONY: help venv models run postgres browser promtool helm test bench clean
+.PHONY: help venv models run postgres browser promtool helm nginx bandit test bench clean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -99,8 +99,16 @@ promtool:
 helm:
 	bash scripts/ensure-helm.sh >/dev/null
 
+# Debian's nginx for the reverse-proxy test (deploy/nginx/enclave.conf; the test runs its own instance).
+nginx:
+	bash scripts/ensure-nginx.sh >/dev/null
+
+# Static security checks: no high-severity finding may remain (justified exceptions carry `# nosec`).
+bandit: venv
+	$(BIN)/bandit -q -r app ingest retrieval llm finetune security -lll
+
 # An ENCLAVE_TEST_DATABASE_URL already in the environment wins over the local server's URL.
-test: venv models postgres browser promtool helm
+test: venv models postgres browser promtool helm nginx bandit
 	ENCLAVE_TEST_DATABASE_URL="$${ENCLAVE_TEST_DATABASE_URL:-$$(cat $(PG_URL_FILE))}" \
 	ENCLAVE_TEST_MODELS_DIR="$(CURDIR)/var/models" \
 	PATH="$(CURDIR)/var/tools/helm:$$PATH" \

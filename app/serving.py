@@ -36,6 +36,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_unspecified(host: str) -> bool:
+    """0.0.0.0 or :: (every interface)."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def uvicorn_config(settings: Settings, app: Any = "app.api.asgi:factory", *, host: str | None = None,
                    port: int | None = None, workers: int | None = None, **extra: Any) -> uvicorn.Config:
     cfg = settings.server

@@ -16,7 +16,8 @@ from sqlmodel import Session, select
 from security.principal import Principal
 from security.tables import ApiKeyRow, utcnow
 
-TOKEN_PREFIX = "enc"
+# The public prefix of every key (enc_<id>_<secret>), not a secret (bandit B105 false positive).
+TOKEN_PREFIX = "enc"  # nosec B105
 _TOKEN = re.compile(rf"{TOKEN_PREFIX}_([a-z0-9]{{12}})_([A-Za-z0-9_-]{{43}})")
 ROLES = ("admin", "user", "service")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")

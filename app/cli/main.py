@@ -179,14 +179,14 @@ def serve(
     """Run the API and web pages under uvicorn (TLS 1.3 only when server.tls_certfile/keyfile are set;
     mutual TLS with server.tls_client_ca)."""
     from app.logs import configure_logging
-    from app.serving import is_loopback, run, uvicorn_config
+    from app.serving import is_loopback, is_unspecified, run, uvicorn_config
 
     settings = State.container().settings
     configure_logging(settings.logging.format, settings.logging.level)
     cfg = settings.server
     config = uvicorn_config(settings, host=host, port=port, workers=workers)
     scheme = "https" if cfg.tls_certfile else "http"
-    shown = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    shown = "127.0.0.1" if is_unspecified(config.host) else config.host  # a wildcard listener: show loopback
     if not cfg.tls_certfile and not is_loopback(config.host):
         err.print(f"[yellow]warning:[/] serving on {config.host} without TLS: API keys and answers cross the "
                   "network in clear text. Run `enclave tls init` and set server.tls_certfile/tls_keyfile, "
