@@ -141,8 +141,8 @@ class SecuritySettings(BaseModel):
     oidc: OidcSettings = Field(default_factory=OidcSettings)
     # Per principal (API key or token subject): a moving window of requests_per_minute, and at
     # most `burst` requests in the time that many requests take to earn (token-bucket shape).
-    rate_limit_per_minute: int = Field(120, ge=0, description="requests per minute per principal; 0: off")
-    rate_limit_burst: int = Field(30, ge=1)
+    rate_limit_per_minute: int = Field(300, ge=0, description="requests per minute per principal; 0: off")
+    rate_limit_burst: int = Field(60, ge=1)
     auth_failures_per_minute: int = Field(30, ge=0, description="failed sign-ins per minute per address; 0: off")
     # `limits` storage URI: memory:// is per process; redis://host:6379 shares limits between workers.
     rate_limit_storage: str = "memory://"

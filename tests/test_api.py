@@ -33,7 +33,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     data = tmp_path_factory.mktemp("api") / "var"
-    settings = Settings(data_dir=data, models_dir=models_dir, generation={"max_new_tokens": MAX_NEW_TOKENS})
+    # Rate limits off: schemathesis below sends hundreds of requests with one key (limits: test_access.py).
+    settings = Settings(data_dir=data, models_dir=models_dir, generation={"max_new_tokens": MAX_NEW_TOKENS},
+                        security={"rate_limit_per_minute": 0})
     container = Container(settings)
     container.pipeline.run(SAMPLES, "default")
     keys = {
@@ -155,7 +157,10 @@ def test_conversations_and_feedback_are_private(server):
         ("user", "post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "knowledge_base": "nope"}, 404, "knowledge_base"),
         ("bot", "post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 403, "forbidden"),
         ("user", "post", "/v1/keys", {"name": "x"}, 403, "forbidden"),
-        ("bot", "get", "/v1/conversations/nope", None, 404, "conversation_not_found"),
+        ("user", "get", "/v1/conversations/nope", None, 404, "conversation_not_found"),
+        ("bot", "get", "/v1/conversations/nope", None, 403, "forbidden"),  # service keys: chat and search only
+        ("bot", "post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "knowledge_base": "faq",
+                                                 "rag": False}, 403, "forbidden"),
         ("user", "post", "/v1/embeddings", {"input": []}, 400, "invalid_input"),
         ("admin", "delete", "/v1/knowledge_bases/default/documents/999999", None, 404, "document_not_found"),
     ],
