@@ -12,6 +12,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
@@ -131,6 +132,11 @@ class OidcSettings(BaseModel):
                 raise ValueError("security.oidc.audience is required when security.oidc.issuer is set")
             if (self.jwks_url is None) == (self.jwks_file is None):
                 raise ValueError("security.oidc: set exactly one of jwks_url and jwks_file")
+            if self.jwks_url is not None:
+                url = urlparse(self.jwks_url)
+                if url.scheme != "https" and not (url.scheme == "http" and url.hostname in ("localhost", "127.0.0.1", "::1")):
+                    raise ValueError("security.oidc.jwks_url must be https (plain http only on loopback): "
+                                     "keys fetched in clear text could be swapped")
         return self
 
 

@@ -67,7 +67,10 @@ class OidcValidator:
                                        timeout=10)
         else:
             # Read at start: a missing or malformed file is a configuration error, not a 401 later.
-            self._keys = PyJWKSet.from_dict(json.loads(Path(config.jwks_file).read_text()))
+            try:
+                self._keys = PyJWKSet.from_dict(json.loads(Path(config.jwks_file).read_text()))
+            except (OSError, ValueError, jwt.PyJWTError) as exc:
+                raise ValueError(f"JWKS file {config.jwks_file}: {exc}") from None
 
     def _key(self, token: str, header: dict) -> PyJWK:
         kid = header.get("kid")

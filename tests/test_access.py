@@ -180,6 +180,8 @@ def test_groups_claim_shapes_and_dotted_paths(jwks_file: Path):
         validator(algorithms=("none",))
     with pytest.raises(TokenError, match="not accepted"):  # pinned to ES256: an RS256 token is refused
         validator(algorithms=("ES256",)).validate(token())
+    with pytest.raises(ValueError, match="JWKS file"):
+        OidcValidator(OidcConfig(issuer=ISSUER, audience=AUDIENCE, jwks_file=jwks_file.with_name("missing.json")))
 
 
 def test_settings_refuse_unsafe_oidc_configuration(jwks_file: Path):
@@ -188,6 +190,12 @@ def test_settings_refuse_unsafe_oidc_configuration(jwks_file: Path):
                                     "algorithms": ["HS256"]}})
     with pytest.raises(ValueError, match="audience is required"):
         Settings(security={"oidc": {"issuer": ISSUER, "jwks_file": str(jwks_file)}})
+    with pytest.raises(ValueError, match="must be https"):
+        Settings(security={"oidc": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": "http://idp.example.test/certs"}})
+    with pytest.raises(ValueError, match="exactly one of"):
+        Settings(security={"oidc": {"issuer": ISSUER, "audience": AUDIENCE}})
+    assert Settings(security={"oidc": {"issuer": ISSUER, "audience": AUDIENCE,
+                                       "jwks_url": "https://idp.example.test/certs"}}).security.oidc.jwks_url
 
 
 def test_jwks_from_a_url_is_fetched_and_cached(jwks_file: Path):
