@@ -39,6 +39,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     ENCLAVE_DATA_DIR=/var/lib/enclave \
     ENCLAVE_MODELS_DIR=/opt/enclave/models \
     ENCLAVE_SERVER__HOST=0.0.0.0 \
+    ENCLAVE_SERVER__IP_ALLOWLIST='["10.0.0.0/8","172.16.0.0/12","192.168.0.0/16","127.0.0.0/8","::1/128","fc00::/7"]' \
     ENCLAVE_SERVER__PORT=8000
 USER 10001:10001
 WORKDIR /var/lib/enclave

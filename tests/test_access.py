@@ -253,6 +253,8 @@ ROUTE_ROLES = {
     ("DELETE", "/v1/keys/{key_id}"): {"admin"},
 }
 PUBLIC = {"/healthz", "/readyz", "/", "/admin", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/static"}
+# Outside /v1 with an authorisation of its own (metrics token or an admin key): checked live below.
+OWN_AUTH = {"/metrics"}
 
 
 def _roles(dependant) -> set[str] | None:
@@ -280,7 +282,7 @@ def test_every_v1_route_requires_an_explicit_role_set(env):
     for route in _flat_routes(app):
         path = getattr(route, "path", "")
         if not path.startswith("/v1"):
-            assert path in PUBLIC, f"{path} is neither a /v1 route nor a known public page"
+            assert path in PUBLIC | OWN_AUTH, f"{path} is neither a /v1 route nor a known public page"
             continue
         assert isinstance(route, APIRoute), path
         roles = _roles(route.dependant)
@@ -288,6 +290,11 @@ def test_every_v1_route_requires_an_explicit_role_set(env):
         for method in route.methods:
             seen[(method, path)] = roles
     assert seen == ROUTE_ROLES
+    client = env["client"]
+    for path in OWN_AUTH:
+        assert get(client, path, None).status_code == 401
+        assert_error(get(client, path, env["keys"]["user"]), 403, "forbidden")
+        assert get(client, path, env["keys"]["admin"]).status_code == 200
 
 
 def _call(client: TestClient, method: str, path: str, bearer: str):
