@@ -48,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     keys = {
         "admin": container.api_keys.create("admin", "admin")[0],
         "user": container.api_keys.create("staff", "user", [])[0],  # default group only: hr/ and finance/ hidden
-        "service": container.api_keys.create("bot", "service", [])[0],
+        "service": container.api_keys.create("bot", "service", [], "default")[0],  # service keys are pinned to a KB
     }
     port = _free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(container), host="127.0.0.1", port=port, log_config=None,
