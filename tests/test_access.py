@@ -251,6 +251,7 @@ ROUTE_ROLES = {
     ("GET", "/v1/keys"): {"admin"},
     ("POST", "/v1/keys"): {"admin"},
     ("DELETE", "/v1/keys/{key_id}"): {"admin"},
+    ("GET", "/v1/admin/audit/status"): {"admin"},
 }
 PUBLIC = {"/healthz", "/readyz", "/", "/admin", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/static"}
 # Outside /v1 with an authorisation of its own (metrics token or an admin key): checked live below.
