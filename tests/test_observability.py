@@ -153,7 +153,10 @@ def test_series_move_with_chat_search_and_upload(traffic):
 
     assert delta("enclave_ingest_files_total", outcome="added") == 1
     assert delta("enclave_ingest_runs_total", status="finished") == 1
-    assert value(after, "enclave_ingest_files_total", outcome="failed") == 0  # present before any failure
+    # The failure series is exposed (at its current count) before this run fails anything; other tests
+    # in this process may already have counted failures, so only its presence and delta are checked.
+    assert any(n == "enclave_ingest_files_total" and ("outcome", "failed") in ls for n, ls in after)
+    assert delta("enclave_ingest_files_total", outcome="failed") == 0
 
     assert value(after, "enclave_generation_requests_running", model=model) == 0
     assert value(after, "enclave_generation_requests_waiting", model=model) == 0
