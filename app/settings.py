@@ -35,7 +35,10 @@ class EmbeddingSettings(BaseModel):
     model: str = "all-minilm-l6-v2"
     query_prefix: str = ""
     passage_prefix: str = ""
-    batch_size: int = Field(64, ge=1)
+    # Passages embedded per forward pass. 16, not 64: the attention buffers of a batch of long
+    # (256-token) chunks dominate ingest memory - peak RSS 938 vs 1265 MiB on the same Chinese files,
+    # docs/benchmarks.md - while CPU throughput is flat beyond ~16.
+    batch_size: int = Field(16, ge=1)
     device: str = "cpu"
 
 

@@ -18,7 +18,7 @@ class Embedder:
         name: str | None = None,
         query_prefix: str = "",
         passage_prefix: str = "",
-        batch_size: int = 64,
+        batch_size: int = 16,
         device: str = "cpu",
     ):
         self.model_path = Path(model_path)
