@@ -93,7 +93,7 @@ class RetrievalSettings(BaseModel):
     dense_weight: float = Field(1.0, ge=0)
     bm25_weight: float = Field(1.0, ge=0)
     cjk_bm25_weight: float | None = Field(
-        5.0, ge=0, description="BM25 weight for mostly-Chinese queries; null: bm25_weight. The bundled embedder "
+        20.0, ge=0, description="BM25 weight for mostly-Chinese queries; null: bm25_weight. The bundled embedder "
         "is English-only, so Chinese relies on BM25; set null with a multilingual embedder (bge-m3)")
     rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant")
     candidates: int = Field(50, ge=1, description="candidates per retriever before fusion")

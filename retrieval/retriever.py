@@ -76,8 +76,10 @@ class RetrievalConfig:
     bm25_weight: float = 1.0
     # BM25's weight for queries written mostly in Chinese/Japanese characters; None: bm25_weight.
     # An English-only embedder (the bundled all-MiniLM-L6-v2) ranks CJK text close to randomly, so
-    # equal-weight fusion buries BM25's good hits (measured: hybrid MRR@10 0.217 at weight 1, 0.442
-    # at 5, BM25 alone 0.564; docs/benchmarks.md). Set None with a multilingual embedder.
+    # equal-weight fusion buries BM25's good hits (measured on the Chinese set: hybrid MRR@10 0.217
+    # at weight 1, 0.442 at 5, 0.539 at 20, BM25 alone 0.564; docs/benchmarks.md). The app's
+    # default is 20: BM25 leads, dense results still fill in where no query term matches. Set
+    # None with a multilingual embedder.
     cjk_bm25_weight: float | None = None
     rrf_k: int = 60
     candidates: int = 50  # per retriever, before fusion
