@@ -87,6 +87,7 @@ class Sequence:
         self.generated = 0  # tokens sampled so far
         self.last_token = -1  # sampled but not yet fed to the model
         self.length = 0  # tokens held in this row's KV cache
+        self.tag: object = None  # the scheduler's tag when admitted (the engine's adapter version)
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this request at the next step boundary (thread-safe)."""
@@ -199,6 +200,12 @@ class BatchScheduler:
         self._mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token
         # Between-step jobs (e.g. swapping a LoRA adapter) run on the scheduler thread.
         self._jobs: deque[tuple[Callable[[], object], Callable[[object, BaseException | None], None]]] = deque()
+        # Jobs that must not run while any row is decoding (swapping the weights every row computes
+        # with): admission pauses while one is pending, the running rows finish, then it runs.
+        self._idle_jobs: deque[tuple[Callable[[], object], Callable[[object, BaseException | None], None]]] = deque()
+        # What the model computes with now (set by idle jobs, e.g. an adapter version); every
+        # admitted Sequence records it, so each answer can say which weights produced it.
+        self.tag: object = None
         # Counters for benchmarks and metrics.
         self.steps = 0
         self.decoded_tokens = 0
@@ -239,6 +246,17 @@ class BatchScheduler:
             self._jobs.append((fn, done))
             self._cond.notify()
 
+    def call_when_idle(self, fn: Callable[[], object], done: Callable[[object, BaseException | None], None]) -> None:
+        """Run ``fn`` on the scheduler thread once no request is running; new requests wait meanwhile.
+
+        Requests already decoding finish with the weights they started with; those admitted after
+        ``fn`` see its effect. Running rows always finish (token limits), so the wait is bounded by
+        the longest answer in flight.
+        """
+        with self._cond:
+            self._idle_jobs.append((fn, done))
+            self._cond.notify()
+
     @property
     def running(self) -> int:
         return self._running_count
@@ -252,7 +270,7 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._closing or self._waiting or self._rows or self._jobs):
+                while not (self._closing or self._waiting or self._rows or self._jobs or self._idle_jobs):
                     self._cond.wait()
                 if self._closing:
                     break
@@ -260,6 +278,15 @@ class BatchScheduler:
                 self._jobs.clear()
             for fn, done in jobs:
                 self._run_job(fn, done)
+            if self._idle_jobs:
+                with torch.inference_mode():
+                    self._drop([i for i, s in enumerate(self._rows) if s.cancelled])
+                if not self._rows:
+                    with self._cond:
+                        idle = list(self._idle_jobs)
+                        self._idle_jobs.clear()
+                    for fn, done in idle:
+                        self._run_job(fn, done)
             admitted: list[Sequence] = []
             try:
                 with torch.inference_mode():
@@ -282,6 +309,10 @@ class BatchScheduler:
         with self._cond:
             pending = [*self._rows, *self._waiting]
             self._waiting.clear()
+            idle = list(self._idle_jobs)
+            self._idle_jobs.clear()
+        for _fn, done in idle:
+            done(None, error)
         for s in pending:
             self._notify(s, None, None, error)
         self._drop(list(range(len(self._rows))))
@@ -306,6 +337,8 @@ class BatchScheduler:
         larger than the limit runs alone instead of waiting forever.
         """
         taken: list[Sequence] = []
+        if self._idle_jobs:
+            return taken  # draining the batch for a job that needs it empty
         longest = max((self._final_length(s) for s in self._rows), default=0)
         prefill = 0
         with self._cond:
@@ -321,6 +354,7 @@ class BatchScheduler:
                 if taken and prefill + len(s.prompt_ids) > self.prefill_token_budget:
                     break
                 self._waiting.popleft()
+                s.tag = self.tag
                 taken.append(s)
                 longest, prefill = grown, prefill + len(s.prompt_ids)
             self._running_count = len(self._rows) + len(taken)

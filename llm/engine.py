@@ -55,6 +55,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    adapter: str | None = None  # on the last chunk: the LoRA adapter version that produced the answer
 
 
 @dataclass
@@ -63,6 +64,7 @@ class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    adapter: str | None = None
 
 
 @runtime_checkable
@@ -88,4 +90,5 @@ async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
     async for chunk in chunks:
         parts.append(chunk.text)
         last = chunk
-    return GenerationResult("".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens)
+    return GenerationResult("".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens,
+                            last.adapter)

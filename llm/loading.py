@@ -70,10 +70,16 @@ def load(
     quant: str = "none",
     trust_remote_code: bool = False,
     lora_adapter: Path | None = None,
+    shared: bool = True,
 ) -> LoadedModel:
-    """Load (or reuse) a model; the same arguments return the same objects for the whole process."""
+    """Load (or reuse) a model; the same arguments return the same objects for the whole process.
+
+    ``shared=False`` loads a private copy that is not cached (fine-tuning changes its modules).
+    """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if not shared:
+        return _load(Path(path), gguf_file, dev, dt, quant, trust_remote_code, lora_adapter)
     key = (str(path), gguf_file, str(dev), str(dt), quant, trust_remote_code, str(lora_adapter))
     with _lock:
         if key not in _loaded:
@@ -149,13 +155,13 @@ def _eos_ids(model, tokenizer, model_type: str) -> set[int]:
     return ids | end_of_turn_ids(tokenizer, model_type)
 
 
-def attach_lora(model: torch.nn.Module, adapter: Path) -> None:
+def attach_lora(model: torch.nn.Module, adapter: Path, adapter_name: str = "default") -> None:
     """Attach a peft LoRA adapter, unmerged (it can be disabled or swapped later) via transformers' peft integration."""
     try:
         import peft  # noqa: F401
     except ImportError as exc:
         raise EngineError("LoRA adapters need the 'peft' package (pip install peft)") from exc
     try:
-        model.load_adapter(str(adapter), adapter_name="default")
+        model.load_adapter(str(adapter), adapter_name=adapter_name)
     except Exception as exc:
         raise EngineError(f"cannot attach the LoRA adapter {adapter}: {exc}") from exc

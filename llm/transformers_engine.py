@@ -58,6 +58,7 @@ class TransformersEngine:
         lora_adapter: Path | None = None,
         prefill_token_budget: int = 1024,
         step_observer: StepObserver | None = None,
+        adapter_version: str | None = None,
     ):
         self.name = name
         self.context_window = context_window or 0  # the model's own window once started, unless configured
@@ -75,6 +76,8 @@ class TransformersEngine:
         self._loaded: LoadedModel | None = None
         self._scheduler: BatchScheduler | None = None
         self._start_lock = asyncio.Lock()
+        # The version name of ``lora_adapter`` (attached at load time), reported with every answer.
+        self._initial_adapter = adapter_version if lora_adapter is not None else None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -93,12 +96,56 @@ class TransformersEngine:
         self._scheduler = BatchScheduler(
             loaded.model, eos_token_ids=loaded.eos_token_ids, context_window=self.context_window, **self._limits
         )
+        self._scheduler.tag = self._initial_adapter
         self._scheduler.start()
 
     async def close(self) -> None:
         if self._scheduler is not None:
             scheduler, self._scheduler = self._scheduler, None
             await asyncio.to_thread(scheduler.close)
+
+    # --- LoRA adapters (hot swap) -------------------------------------------------------------
+
+    @property
+    def adapter_version(self) -> str | None:
+        """The adapter version new requests are answered with (None: the base model)."""
+        return self._scheduler.tag if self._scheduler is not None else self._initial_adapter
+
+    async def switch_adapter(self, version: str | None, path: Path | None) -> None:
+        """Serve with the peft adapter at ``path`` (``version=None``: the base model), without a restart.
+
+        The adapter is loaded beside the base weights (the base is never touched) and becomes active
+        between two decode steps once no request is running: answers in flight finish with the
+        adapter they started with, new ones wait for the swap (at most the longest answer in
+        flight) and then use the new one. The previous adapter is unloaded afterwards. Raises
+        ``EngineError`` when the adapter cannot be loaded; the old one keeps serving then.
+        """
+        scheduler = self.scheduler
+        if version == scheduler.tag:
+            return
+        if version is not None and path is None:
+            raise EngineError("switch_adapter needs the adapter folder")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def done(result, error) -> None:  # scheduler thread
+            def settle():
+                if future.done():
+                    return
+                if error is not None:
+                    future.set_exception(error if isinstance(error, EngineError) else
+                                         EngineError(f"cannot switch to adapter {version}: {error}"))
+                else:
+                    future.set_result(result)
+            loop.call_soon_threadsafe(settle)
+
+        def swap() -> None:  # scheduler thread, no request running
+            _apply_adapter(self.loaded.model, version, path)
+            scheduler.tag = version
+
+        scheduler.call_when_idle(swap, done)
+        await future
+        log.info("now serving with adapter %s", version or "none (base model)")
 
     @property
     def loaded(self) -> LoadedModel:
@@ -185,7 +232,7 @@ class TransformersEngine:
                 if finish:
                     if finish != "stop" or not text.stopped:
                         delta.append(text.flush())
-                    yield GenerationChunk("".join(delta), finish, len(prompt), tokens)
+                    yield GenerationChunk("".join(delta), finish, len(prompt), tokens, seq.tag)
                     return
                 if any(delta):
                     yield GenerationChunk("".join(delta))
@@ -193,6 +240,29 @@ class TransformersEngine:
             # Closed early, cancelled, failed, or stopped by a stop string the scheduler cannot
             # see: the row is dropped at the next step boundary (a no-op if it already finished).
             seq.cancel()
+
+
+def _adapter_name(version: str) -> str:
+    return "enclave_" + "".join(c if c.isalnum() else "_" for c in version)
+
+
+def _apply_adapter(model, version: str | None, path: Path | None) -> None:
+    """Make ``version`` the only active adapter of ``model`` (transformers' peft integration)."""
+    loaded = list(getattr(model, "peft_config", {}) or {}) if getattr(model, "_hf_peft_config_loaded", False) else []
+    if version is None:
+        if loaded:
+            model.disable_adapters()
+        return
+    name = _adapter_name(version)
+    if name not in loaded:
+        from llm.loading import attach_lora
+
+        attach_lora(model, path, adapter_name=name)
+    model.set_adapter(name)
+    model.enable_adapters()
+    stale = [n for n in loaded if n != name]
+    if stale:
+        model.delete_adapter(stale)
 
 
 class TextStream:

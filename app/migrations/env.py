@@ -6,6 +6,7 @@ from sqlmodel import SQLModel
 import retrieval.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 import security.tables  # noqa: F401
 import app.conversations  # noqa: F401
+import finetune.registry  # noqa: F401
 
 target_metadata = SQLModel.metadata
 
