@@ -167,6 +167,51 @@ class Container:
                            answer_redactor=self.pii if self.settings.generation.redact_answers else None)
 
     @cached_property
+    def finetune_registry(self):
+        from finetune.registry import Registry
+
+        return Registry(self.engine)
+
+    # The PII redaction hook of fine-tuning datasets (a ``str -> str`` callable); None: no redaction.
+    # The security layer's redactor is wired here once it exists.
+    finetune_redact = None
+
+    def finetune_job_config(self, data_files: list | None = None, eval_files: list | None = None,
+                            base_model: str | None = None):
+        """The job configuration from settings; CLI options add data files or pick another base model."""
+        from finetune.jobs import JobConfig
+        from finetune.train import TrainConfig
+
+        cfg = self.settings.finetune
+        name = base_model or cfg.base_model or self.settings.generation.model
+        resolved = self.model_store.resolve(name)
+        if resolved.kind != "generation":
+            raise ValueError(f"finetune base model {name!r} is a {resolved.kind} model, not a generation model")
+        train = TrainConfig(
+            rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+            learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size,
+            grad_accum_steps=cfg.grad_accum_steps, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
+            gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+        )
+        return JobConfig(
+            data_dir=self.settings.resolved_data_dir, base_model=name, model_path=resolved.path,
+            gguf_file=resolved.gguf_file, trust_remote_code=self.settings.generation.trust_remote_code,
+            device=cfg.device, dtype=cfg.dtype, data_files=[*cfg.data_files, *(data_files or [])],
+            eval_files=[*cfg.eval_files, *(eval_files or [])], eval_fraction=cfg.eval_fraction,
+            max_record_chars=cfg.max_record_chars, train=train, gate_metric=cfg.gate_metric,
+            gate_margin=cfg.gate_margin, auto_promote=cfg.auto_promote, eval_max_new_tokens=cfg.eval_max_new_tokens,
+        )
+
+    def finetune_synthetic_chunks(self) -> list[str] | None:
+        """Chunk texts of ``finetune.synthetic_kb`` for synthetic Q/A pairs (None when off)."""
+        cfg = self.settings.finetune
+        if not cfg.synthetic_kb:
+            return None
+        ids = self.kb_store.chunk_ids(cfg.synthetic_kb)[: cfg.synthetic_max_chunks]
+        rows = self.kb_store.chunks([int(i) for i in ids])
+        return [rows[int(i)].text for i in ids if int(i) in rows]
+
+    @cached_property
     def generation_engine(self) -> Engine:
         """The configured generation engine, not started yet (``await engine.start()`` loads the model
         or checks the server). Named ``generation_engine`` because ``engine`` is the SQL engine above."""

@@ -124,5 +124,38 @@ class ConversationStore:
             return row.id
 
 
+    def feedback_for_training(self, history_turns: int = 2) -> list:
+        """Rated answers as ``finetune.dataset.FeedbackRecord``: the question (with up to
+        ``history_turns`` earlier exchanges of its conversation), the answer, rating and correction.
+
+        The stored question is what the user typed (not the retrieval prompt), so an adapter learns
+        the organisation's answers themselves. The latest feedback per completion wins.
+        """
+        from finetune.dataset import FeedbackRecord
+
+        records = []
+        with Session(self.engine) as session:
+            latest: dict[str, FeedbackRow] = {}
+            for row in session.exec(select(FeedbackRow).order_by(FeedbackRow.id)):
+                latest[row.completion_id] = row
+            for completion_id, fb in latest.items():
+                answer = session.exec(select(MessageRow).where(MessageRow.completion_id == completion_id)).first()
+                if answer is None:
+                    continue
+                before = list(session.exec(
+                    select(MessageRow).where(MessageRow.conversation_id == answer.conversation_id,
+                                             MessageRow.id < answer.id).order_by(MessageRow.id.desc())
+                    .limit(2 * history_turns + 1)))[::-1]
+                while before and before[0].role != "user":
+                    before = before[1:]
+                if not before or before[-1].role != "user":
+                    continue
+                records.append(FeedbackRecord(
+                    id=str(fb.id), messages=[{"role": m.role, "content": m.content} for m in before],
+                    answer=answer.content, rating=fb.rating, correction=fb.correction,
+                ))
+        return records
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"

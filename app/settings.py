@@ -210,6 +210,52 @@ class MetricsSettings(BaseModel):
     bearer_token: SecretStr | None = None  # prefer ENCLAVE_METRICS__BEARER_TOKEN
 
 
+class FinetuneSettings(BaseModel):
+    """LoRA fine-tuning jobs (`finetune run`), the evaluation gate, schedules and adapter hot swap."""
+
+    base_model: str | None = Field(None, description="model to adapt; null: generation.model")
+    data_files: list[Path] = Field(default_factory=list, description="curated chat JSONL (OpenAI messages)")
+    eval_files: list[Path] = Field(default_factory=list, description="chat JSONL held out entirely for the gate")
+    include_feedback: bool = True  # positively rated answers and corrections from POST /v1/feedback
+    synthetic_kb: str | None = Field(None, description="knowledge base to write synthetic Q/A pairs from; null: off")
+    synthetic_max_chunks: int = Field(50, ge=1)
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of questions held out (by hash)")
+    max_record_chars: int = Field(8000, ge=100)
+    # LoRA and training
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="null: chosen per architecture")
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16, description="tokens per example after templating; longer ones are skipped")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    device: str = "auto"  # auto: CUDA when present (bf16), else CPU (fp32)
+    dtype: str = "auto"
+    # evaluation gate
+    gate_metric: Literal["auto", "key_fact_recall", "eval_loss"] = "auto"
+    gate_margin: float = Field(0.02, ge=0, description="recall points (0.02 = 2) or relative loss reduction")
+    auto_promote: bool = True
+    eval_max_new_tokens: int = Field(64, ge=1)
+    # schedules and serving
+    schedule: str = Field("0 2 1 1,4,7,10 *", description="cron; quarterly at 02:00 by default")
+    schedule_in_process: bool = False  # run the schedule inside `enclave serve` (single-box installs)
+    hot_swap: bool = True  # the server follows the registry's active adapter
+    poll_seconds: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _valid_schedule(self) -> "FinetuneSettings":
+        from finetune.schedule import validate
+
+        validate(self.schedule)
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ENCLAVE_",
@@ -231,6 +277,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
     @classmethod

@@ -203,17 +203,19 @@ SYNTHETIC_PROMPT = (
 _QA = re.compile(r"^\s*Q:\s*(?P<q>.+?)\s*\n\s*A:\s*(?P<a>.+?)\s*$", re.S)
 
 
-def synthetic_pairs(chunks: Iterable[str], generate: Callable[[str], str], *, max_chars: int = 8000
+def synthetic_pairs(chunks: list[str], generate: Callable[[list[str]], list[str]], *, max_chars: int = 8000
                     ) -> tuple[list[Example], list[Problem]]:
     """Question-answer pairs the model writes from ingested chunks, marked synthetic.
 
-    A reply that does not follow the ``Q: ... / A: ...`` shape is reported and dropped.
+    ``generate(prompts) -> replies`` is the model itself (greedy). A reply that does not follow
+    the ``Q: ... / A: ...`` shape is reported and dropped.
     """
     examples: list[Example] = []
     problems: list[Problem] = []
-    for i, chunk in enumerate(chunks):
+    replies = generate([SYNTHETIC_PROMPT.format(chunk=c) for c in chunks]) if chunks else []
+    for i, reply in enumerate(replies):
         origin = f"synthetic:{i}"
-        match = _QA.match(generate(SYNTHETIC_PROMPT.format(chunk=chunk)).strip())
+        match = _QA.match(reply.strip())
         if not match:
             problems.append(Problem(origin, "the model's reply is not a 'Q: ... / A: ...' pair"))
             continue

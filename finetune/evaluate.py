@@ -67,8 +67,9 @@ def eval_loss(model, data: list[Tokenized], pad_id: int, batch_size: int = 8) ->
     return total / count if count else None
 
 
-def answer_all(loaded: LoadedModel, examples: list[Example], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers to every eval question (the conversation without its final answer)."""
+def generate_all(loaded: LoadedModel, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16
+                 ) -> list[str]:
+    """Greedy replies to many conversations at once, through the serving engine (continuous batching)."""
     from llm.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(Path("unused"), name="finetune-eval", max_batch_size=batch_size,
@@ -76,8 +77,8 @@ def answer_all(loaded: LoadedModel, examples: list[Example], max_new_tokens: int
     engine.start_sync(loaded)
 
     async def run_all() -> list[str]:
-        requests = [GenerationRequest([ChatMessage(m["role"], m["content"]) for m in e.messages[:-1]],
-                                      max_new_tokens=max_new_tokens, temperature=0.0) for e in examples]
+        requests = [GenerationRequest([ChatMessage(m["role"], m["content"]) for m in conv],
+                                      max_new_tokens=max_new_tokens, temperature=0.0) for conv in conversations]
         results = await asyncio.gather(*(engine.generate(r) for r in requests))
         return [r.text for r in results]
 
@@ -85,6 +86,11 @@ def answer_all(loaded: LoadedModel, examples: list[Example], max_new_tokens: int
         return asyncio.run(run_all())
     finally:
         asyncio.run(engine.close())
+
+
+def answer_all(loaded: LoadedModel, examples: list[Example], max_new_tokens: int) -> list[str]:
+    """Greedy answers to every eval question (the conversation without its final answer)."""
+    return generate_all(loaded, [e.messages[:-1] for e in examples], max_new_tokens)
 
 
 def key_fact_score(examples: list[Example], answers: list[str]) -> tuple[int, int, list[dict]]:

@@ -26,6 +26,25 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
+def start_finetune_schedule(cron: str):
+    """The built-in scheduler: `finetune run --trigger schedule` as a child process at each due time."""
+    import subprocess
+    import sys
+
+    from finetune.schedule import InProcessScheduler
+
+    def job() -> None:
+        # A separate process: training memory is returned when it ends and a crash cannot take the
+        # API down; the job lock keeps several workers or replicas to one run.
+        done = subprocess.run([sys.executable, "-m", "app.cli.finetune_cli", "run", "--trigger", "schedule"],
+                              check=False)
+        log.info("scheduled fine-tuning run exited with %s", done.returncode)
+
+    scheduler = InProcessScheduler(cron, job)
+    scheduler.start()
+    return scheduler
+
+
 def create_app(container: Container) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -37,13 +56,29 @@ def create_app(container: Container) -> FastAPI:
         engine = container.generation_engine
         await engine.start()
         app_metrics.ENGINE.attach(engine, engine.name)
+        watcher = scheduler = None
+        ft = container.settings.finetune
+        if ft.hot_swap and hasattr(engine, "switch_adapter"):
+            from finetune.hotswap import AdapterWatcher
+
+            watcher = AdapterWatcher(container.finetune_registry, engine, base_model=container.settings.generation.model,
+                                     poll_seconds=ft.poll_seconds)
+            await watcher.sync()  # serve the active adapter from the first request on
+            watcher.start()
+        if ft.schedule_in_process:
+            scheduler = start_finetune_schedule(ft.schedule)
         container.generation_ready = True
-        log.info("generation engine ready: %s", engine.name)
+        log.info("generation engine ready: %s (adapter %s)", engine.name,
+                 getattr(engine, "adapter_version", None) or "none")
         try:
             yield
         finally:
             container.generation_ready = False
             app_metrics.ENGINE.detach(engine)
+            if scheduler is not None:
+                scheduler.stop()
+            if watcher is not None:
+                await watcher.stop()
             await engine.close()
 
     app = FastAPI(

@@ -117,7 +117,7 @@ async def chat_completions(
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                          "finish_reason": last.finish_reason if last.finish_reason != "cancelled" else "stop"}],
             "usage": _usage(last.prompt_tokens, last.completion_tokens),
-            "sources": public_sources, "conversation_id": conversation,
+            "sources": public_sources, "conversation_id": conversation, "adapter": last.adapter,
         }
 
     def event(delta: dict, finish: str | None = None, **extra) -> str:
@@ -154,7 +154,8 @@ async def chat_completions(
                 service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens)
             await act.finish()
             yield event({}, last.finish_reason if last.finish_reason != "cancelled" else "stop",
-                        usage=_usage(last.prompt_tokens, last.completion_tokens), conversation_id=conversation)
+                        usage=_usage(last.prompt_tokens, last.completion_tokens), conversation_id=conversation,
+                        adapter=last.adapter)
             yield "data: [DONE]\n\n"
         except AuditUnavailable:
             yield f"data: {json.dumps(error_body(503, AUDIT_UNAVAILABLE, 'audit_unavailable'))}\n\n"
