@@ -260,7 +260,7 @@ def train(
             with autocast:
                 loss = peft_model(**collate(rows, pad_id, device)).loss / config.grad_accum_steps
             loss.backward()
-            batch_loss += float(loss)
+            batch_loss += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
