@@ -29,7 +29,7 @@ class AdapterWatcher:
     async def sync(self) -> str | None:
         """Switch to the registry's active adapter if it changed; returns the version now served."""
         version = await asyncio.to_thread(self.registry.active_version)
-        if version == self.engine.adapter_version or version == self._refused:
+        if version == self.engine.adapter_version or (version is not None and version == self._refused):
             return self.engine.adapter_version
         path = None
         if version is not None:

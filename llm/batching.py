@@ -258,6 +258,11 @@ class BatchScheduler:
             self._cond.notify()
 
     @property
+    def idle_jobs_pending(self) -> int:
+        """Jobs waiting for the running batch to drain (admission is paused while there are any)."""
+        return len(self._idle_jobs)
+
+    @property
     def running(self) -> int:
         return self._running_count
 

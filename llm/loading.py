@@ -165,3 +165,49 @@ def attach_lora(model: torch.nn.Module, adapter: Path, adapter_name: str = "defa
         model.load_adapter(str(adapter), adapter_name=adapter_name)
     except Exception as exc:
         raise EngineError(f"cannot attach the LoRA adapter {adapter}: {exc}") from exc
+
+
+def add_lora(model: torch.nn.Module, adapter: Path, adapter_name: str) -> None:
+    """Load one more peft LoRA adapter beside those already attached, under ``adapter_name``.
+
+    transformers' ``load_adapter`` maps the weights of a second adapter wrongly with the newest
+    peft available here (it needs a newer peft: the weights come up "MISSING"), so this uses peft's
+    own functional API: inject the LoRA layers, then load the state dict under the new name.
+    The model's active adapter is not changed.
+    """
+    try:
+        from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+    except ImportError as exc:
+        raise EngineError("LoRA adapters need the 'peft' package (pip install peft)") from exc
+    try:
+        config = PeftConfig.from_pretrained(str(adapter))
+        device = next(model.parameters()).device
+        weights = load_peft_weights(str(adapter), device=str(device))
+        prefix = "base_model.model."
+        weights = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in weights.items()}
+        configs = getattr(model, "peft_config", None) if getattr(model, "_hf_peft_config_loaded", False) else None
+        active = None
+        if configs:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            active = next((m.active_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        model.peft_config = {**(configs or {}), adapter_name: config}
+        model._hf_peft_config_loaded = True
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+        missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k]
+        if unexpected or missing:
+            raise EngineError(f"adapter weights do not fit the model ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected, e.g. {(missing + unexpected)[0]})")
+        if active is not None:  # injecting activates the new adapter: keep serving the old one
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for m in model.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.set_adapter(active)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError(f"cannot attach the LoRA adapter {adapter}: {exc}") from exc

@@ -111,6 +111,11 @@ class TransformersEngine:
         """The adapter version new requests are answered with (None: the base model)."""
         return self._scheduler.tag if self._scheduler is not None else self._initial_adapter
 
+    @property
+    def switching_adapter(self) -> bool:
+        """True while a requested adapter switch waits for the requests in flight to finish."""
+        return self._scheduler is not None and self._scheduler.idle_jobs_pending > 0
+
     async def switch_adapter(self, version: str | None, path: Path | None) -> None:
         """Serve with the peft adapter at ``path`` (``version=None``: the base model), without a restart.
 
@@ -247,22 +252,36 @@ def _adapter_name(version: str) -> str:
 
 
 def _apply_adapter(model, version: str | None, path: Path | None) -> None:
-    """Make ``version`` the only active adapter of ``model`` (transformers' peft integration)."""
-    loaded = list(getattr(model, "peft_config", {}) or {}) if getattr(model, "_hf_peft_config_loaded", False) else []
+    """Make ``version`` the only active adapter of ``model`` (None: adapters off, the base model).
+
+    Loading goes through transformers' ``load_adapter``; switching and unloading use peft's layer
+    API directly (``BaseTunerLayer.set_adapter/enable_adapters/delete_adapter``), which is what
+    transformers' wrappers of the same name do, because those wrappers demand a newer peft than
+    the newest release available here.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    configs = getattr(model, "peft_config", None) if getattr(model, "_hf_peft_config_loaded", False) else None
+    loaded = list(configs or {})
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     if version is None:
-        if loaded:
-            model.disable_adapters()
+        for layer in layers:
+            layer.enable_adapters(False)
         return
     name = _adapter_name(version)
     if name not in loaded:
-        from llm.loading import attach_lora
+        from llm.loading import add_lora
 
-        attach_lora(model, path, adapter_name=name)
-    model.set_adapter(name)
-    model.enable_adapters()
-    stale = [n for n in loaded if n != name]
-    if stale:
-        model.delete_adapter(stale)
+        add_lora(model, path, name)
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(True)
+        layer.set_adapter(name)
+    for stale in (n for n in loaded if n != name):
+        for layer in layers:
+            if any(stale in getattr(layer, attr, {}) for attr in layer.adapter_layer_names):
+                layer.delete_adapter(stale)
+        model.peft_config.pop(stale, None)
 
 
 class TextStream:

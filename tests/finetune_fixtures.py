@@ -53,7 +53,8 @@ def build_tokenizer():
                                    additional_special_tokens=SPECIAL[1:2], chat_template=CHATML)
 
 
-def make_tiny_llama(path: Path) -> Path:
+def make_tiny_llama(path: Path, init_std: float = 0.02) -> Path:
+    """``init_std`` above the default makes the random model's greedy answers varied instead of one repeated token."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
@@ -62,7 +63,7 @@ def make_tiny_llama(path: Path) -> Path:
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), bos_token_id=ids("<|endoftext|>"),
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=init_std,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
