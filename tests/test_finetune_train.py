@@ -340,3 +340,18 @@ def test_cli_list_promote_rollback(tmp_path, monkeypatch):
     assert out.exit_code == 0 and "now serving the base model" in out.stdout
     bad = runner.invoke(app, ["rollback"])
     assert bad.exit_code == 2 and "nothing to roll back" in bad.stderr
+
+
+def test_loss_on_kept_logits_equals_the_full_model_loss(tiny_dir):
+    from finetune.train import batch_loss, collate, collate_left, supports_logits_to_keep
+
+    loaded = fresh(tiny_dir)
+    model = wrap_lora(loaded.model, loaded.model_type, FAST)
+    rows = train_data(loaded)[:5]
+    pad = pad_id_of(loaded.tokenizer)
+    assert supports_logits_to_keep(model)
+    with torch.no_grad():
+        reference = model(**collate(rows, pad, torch.device("cpu"))).loss  # right padding, full logits
+        kept = batch_loss(model, collate_left(rows, pad, torch.device("cpu")), keep_logits=True)
+        full = batch_loss(model, collate_left(rows, pad, torch.device("cpu")), keep_logits=False)
+    assert torch.allclose(kept, reference, atol=1e-5) and torch.allclose(full, reference, atol=1e-5)
