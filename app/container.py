@@ -200,6 +200,7 @@ class Container:
             eval_files=[*cfg.eval_files, *(eval_files or [])], eval_fraction=cfg.eval_fraction,
             max_record_chars=cfg.max_record_chars, train=train, gate_metric=cfg.gate_metric,
             gate_margin=cfg.gate_margin, auto_promote=cfg.auto_promote, eval_max_new_tokens=cfg.eval_max_new_tokens,
+            threads=cfg.threads,
         )
 
     def finetune_synthetic_chunks(self) -> list[str] | None:

@@ -237,6 +237,7 @@ class FinetuneSettings(BaseModel):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     device: str = "auto"  # auto: CUDA when present (bf16), else CPU (fp32)
     dtype: str = "auto"
+    threads: int = Field(0, ge=0, description="CPU threads for training; 0: one per core")
     # evaluation gate
     gate_metric: Literal["auto", "key_fact_recall", "eval_loss"] = "auto"
     gate_margin: float = Field(0.02, ge=0, description="recall points (0.02 = 2) or relative loss reduction")

@@ -50,6 +50,7 @@ class JobConfig:
     gate_margin: float = 0.02
     auto_promote: bool = True
     eval_max_new_tokens: int = 64
+    threads: int = 0  # torch CPU threads for the job; 0: torch's default (one per core)
 
 
 @dataclass
@@ -172,6 +173,10 @@ def _run(config, registry, feedback, synthetic_chunks, redact, say, progress) ->
     from llm.loading import load
 
     data_dir = Path(config.data_dir)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
     examples, problems = collect(config, feedback, redact)
     for p in problems:
         say(f"skipped {p}")
