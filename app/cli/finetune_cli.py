@@ -20,7 +20,8 @@ EXIT_LOCKED = 3  # another job is running (a scheduler may simply try again next
 
 @app.callback()
 def main(config: ConfigOption = None) -> None:
-    set_config(config)
+    if config is not None:  # as `enclave finetune`, `enclave --config` already chose it
+        set_config(config)
 
 
 @app.command("run")

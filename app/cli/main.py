@@ -21,6 +21,15 @@ keys_app = typer.Typer(help="API keys (shown once, stored only as a keyed hash).
 backup_app = typer.Typer(help="Backup and restore: database, indexes, adapters, audit, secrets.", no_args_is_help=True)
 app.add_typer(backup_app, name="backup")
 app.add_typer(models_app, name="models")
+
+
+def _finetune_app():
+    from app.cli.finetune_cli import app as finetune_app  # also its own console script, `finetune`
+
+    return finetune_app
+
+
+app.add_typer(_finetune_app(), name="finetune", help="LoRA fine-tuning: run jobs, list adapters, promote, roll back.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 tls_app = typer.Typer(help="TLS: a private CA, the server certificate, client certificates (mutual TLS).",
