@@ -98,25 +98,28 @@ def benchmark(args) -> None:
 
 
 def compare_trainer(args) -> None:
-    """Seconds per optimizer step, plain loop vs transformers.Trainer, same model, data and batches."""
+    """Seconds per optimizer step: the plain loop vs transformers.Trainer on the same model, data,
+    batches and loss (left-padded batches, output head over the answer columns only), and the plain
+    loop with the full-vocabulary head over every column, to show what ``logits_to_keep`` saves."""
     import torch
     from transformers import Trainer, TrainingArguments
 
+    import finetune.train as ft
     from finetune import dataset as ds
-    from finetune.train import TrainConfig, collate, pad_id_of, tokenize_all, train, wrap_lora
     from llm.loading import load
     from llm.models import ModelStore
 
     resolved = ModelStore(Path(args.models_dir)).resolve(MODEL)
     loaded = load(resolved.path, gguf_file=resolved.gguf_file, device="cpu", dtype="float32", shared=False)
     examples, _ = ds.load_jsonl(DATA / "finetune_train.jsonl")
-    data, _ = tokenize_all(examples, loaded.tokenizer, loaded.chat, loaded.eos_token_ids, args.max_length)
+    data, _ = ft.tokenize_all(examples, loaded.tokenizer, loaded.chat, loaded.eos_token_ids, args.max_length)
     steps, bs = args.compare_steps, args.batch_size
     data = data[: steps * bs]
-    pad = pad_id_of(loaded.tokenizer)
-    cfg = TrainConfig(rank=args.rank, alpha=args.alpha, dropout=0.0, learning_rate=args.lr, epochs=1, batch_size=bs,
-                      max_length=args.max_length, warmup_ratio=0.0, checkpoint_every=10_000, log_every=10_000)
-    peft_model = wrap_lora(loaded.model, loaded.model_type, cfg)
+    pad = ft.pad_id_of(loaded.tokenizer)
+    cfg = ft.TrainConfig(rank=args.rank, alpha=args.alpha, dropout=0.0, learning_rate=args.lr, epochs=1,
+                         batch_size=bs, max_length=args.max_length, warmup_ratio=0.0, checkpoint_every=10_000,
+                         log_every=10_000)
+    peft_model = ft.wrap_lora(loaded.model, loaded.model_type, cfg)
     initial = {k: v.detach().clone() for k, v in peft_model.named_parameters() if v.requires_grad}
 
     def reset():
@@ -125,12 +128,21 @@ def compare_trainer(args) -> None:
                 if k in initial:
                     v.copy_(initial[k])
 
-    def plain() -> float:
+    def plain(keep: bool) -> float:
         reset()
-        with tempfile.TemporaryDirectory() as tmp:
-            t = time.monotonic()
-            train(peft_model, data, cfg, Path(tmp), pad_id=pad)
-            return time.monotonic() - t
+        original = ft.supports_logits_to_keep
+        ft.supports_logits_to_keep = lambda _m: keep
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                t = time.monotonic()
+                ft.train(peft_model, data, cfg, Path(tmp), pad_id=pad)
+                return time.monotonic() - t
+        finally:
+            ft.supports_logits_to_keep = original
+
+    class SameLoss(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return ft.batch_loss(model, inputs, True)
 
     def trainer() -> float:
         reset()
@@ -149,17 +161,19 @@ def compare_trainer(args) -> None:
                 use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, remove_unused_columns=False,
             )
             t = time.monotonic()
-            Trainer(model=peft_model, args=targs, train_dataset=Rows(),
-                    data_collator=lambda rows: collate(rows, pad, torch.device("cpu"))).train()
+            SameLoss(model=peft_model, args=targs, train_dataset=Rows(),
+                     data_collator=lambda rows: ft.collate_left(rows, pad, torch.device("cpu"))).train()
             return time.monotonic() - t
 
     print(f"load average before: {load_avg()}; {steps} steps of {bs} examples each, threads "
           f"{torch.get_num_threads()}", flush=True)
-    timings = {"plain": [], "trainer": []}
-    for name, fn in (("plain", plain), ("trainer", trainer), ("plain", plain), ("trainer", trainer)):
-        seconds = fn()
-        timings[name].append(seconds)
-        print(f"{name:8s} {seconds:7.1f} s  {seconds / steps:6.2f} s/step  (load {load_avg()})", flush=True)
+    runs = {"plain loop": lambda: plain(True), "Trainer": trainer, "plain loop, full head": lambda: plain(False)}
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.compare_rounds):  # interleaved, so load drift hits every variant alike
+        for name, fn in runs.items():
+            seconds = fn()
+            timings[name].append(seconds)
+            print(f"{name:22s} {seconds:7.1f} s  {seconds / steps:6.2f} s/step  (load {load_avg()})", flush=True)
     for name, values in timings.items():
         print(f"{name}: best {min(values) / steps:.2f} s/step")
 
@@ -177,7 +191,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--compare-trainer", action="store_true")
-    parser.add_argument("--compare-steps", type=int, default=4)
+    parser.add_argument("--compare-steps", type=int, default=3)
+    parser.add_argument("--compare-rounds", type=int, default=2)
     args = parser.parse_args()
     if args.threads:
         import torch

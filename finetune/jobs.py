@@ -123,8 +123,8 @@ def model_hash(model_path: Path, gguf_file: str | None, cache_file: Path | None 
     return value
 
 
-def collect(config: JobConfig, feedback: Iterable[ds.FeedbackRecord], redact: ds.Redactor | None
-            ) -> tuple[list[ds.Example], list[ds.Problem]]:
+def collect(config: JobConfig, feedback: Iterable[ds.FeedbackRecord]) -> tuple[list[ds.Example], list[ds.Problem]]:
+    """Every record of the configured files and the feedback; redaction happens in ``dataset.build``."""
     examples: list[ds.Example] = []
     problems: list[ds.Problem] = []
     for path in config.data_files:
@@ -177,7 +177,7 @@ def _run(config, registry, feedback, synthetic_chunks, redact, say, progress) ->
         import torch
 
         torch.set_num_threads(config.threads)
-    examples, problems = collect(config, feedback, redact)
+    examples, problems = collect(config, feedback)
     for p in problems:
         say(f"skipped {p}")
     built = ds.build(examples, problems, eval_fraction=config.eval_fraction, redact=redact)

@@ -56,6 +56,8 @@ _CONTEXT_ERRORS = ("context length", "context window", "maximum context", "too m
 class OpenAIEngine:
     """The :class:`llm.engine.Engine` protocol over an OpenAI-compatible ``/v1/chat/completions``."""
 
+    adapter_version: str | None = None  # adapters live on the remote server, not here
+
     def __init__(
         self,
         *,

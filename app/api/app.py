@@ -63,7 +63,10 @@ def create_app(container: Container) -> FastAPI:
 
             watcher = AdapterWatcher(container.finetune_registry, engine, base_model=container.settings.generation.model,
                                      poll_seconds=ft.poll_seconds)
-            await watcher.sync()  # serve the active adapter from the first request on
+            try:
+                await watcher.sync()  # serve the active adapter from the first request on
+            except Exception:  # a broken adapter must not keep the service down: base model, and say so
+                log.exception("cannot load the active LoRA adapter; serving the base model")
             watcher.start()
         if ft.schedule_in_process:
             scheduler = start_finetune_schedule(ft.schedule)
