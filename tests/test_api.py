@@ -96,6 +96,8 @@ def test_openai_client_chat_streaming_models_embeddings(server):
     assert chunks[0].model_extra["sources"] == sources  # sources arrive in the first chunk
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text  # greedy: same answer
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    # Every answer names the LoRA adapter that produced it: none is active, the base model answered.
+    assert reply.model_extra["adapter"] is None and chunks[-1].model_extra["adapter"] is None
 
 
 def test_langchain_chat_openai_against_enclave(server):

@@ -355,3 +355,21 @@ def test_loss_on_kept_logits_equals_the_full_model_loss(tiny_dir):
         kept = batch_loss(model, collate_left(rows, pad, torch.device("cpu")), keep_logits=True)
         full = batch_loss(model, collate_left(rows, pad, torch.device("cpu")), keep_logits=False)
     assert torch.allclose(kept, reference, atol=1e-5) and torch.allclose(full, reference, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
+    import dataclasses
+
+    from finetune.train import batch_loss, collate_left
+
+    grads = []
+    for checkpointing in (False, True):
+        loaded = fresh(tiny_dir)
+        model = wrap_lora(loaded.model, loaded.model_type, dataclasses.replace(FAST, gradient_checkpointing=checkpointing))
+        model.train()
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is checkpointing
+        batch_loss(model, collate_left(train_data(loaded)[:4], pad_id_of(loaded.tokenizer), torch.device("cpu")),
+                   True).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
