@@ -146,6 +146,12 @@ def compare_trainer(args) -> None:
 
     def trainer() -> float:
         reset()
+        # Trainer refuses a model loaded from GGUF ("quantization method GGUF does not support
+        # training") although transformers dequantized it to plain fp32 tensors: drop the tag.
+        inner = peft_model.get_base_model()
+        inner.hf_quantizer = None
+        if "is_quantized" in vars(inner):
+            inner.is_quantized = False
 
         class Rows(torch.utils.data.Dataset):
             def __len__(self):
