@@ -110,3 +110,26 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path):
     score = re.search(r"Overall exposure level for enclave.service: ([0-9.]+)", security.stdout + security.stderr)
     assert score, security.stdout + security.stderr
     assert float(score.group(1)) <= 3.0  # systemd rates 0-10; "OK" is below 4
+
+
+def test_finetune_timer_and_service_verify(tmp_path: Path):
+    """Quarterly at 02:00 on the first day of Jan/Apr/Jul/Oct, like finetune.schedule's default cron."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze not found (Debian package systemd)")
+    enclave = tool("enclave", "the project is not installed in this environment")
+    service = (REPO / "deploy/systemd/enclave-finetune.service").read_text()
+    assert "\nExecStart=/opt/enclave/venv/bin/enclave finetune run --trigger schedule\n" in service
+    assert "\nSuccessExitStatus=3\n" in service  # another job holding the lock is not a failure
+    (tmp_path / "enclave-finetune.service").write_text(service.replace("/opt/enclave/venv/bin/enclave", enclave))
+    timer = (REPO / "deploy/systemd/enclave-finetune.timer").read_text()
+    (tmp_path / "enclave-finetune.timer").write_text(timer)
+    verify = subprocess.run([analyze, "verify", str(tmp_path / "enclave-finetune.timer"),
+                             str(tmp_path / "enclave-finetune.service")], capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    calendar = re.search(r"^OnCalendar=(.+)$", timer, re.M).group(1)
+    shown = subprocess.run([analyze, "calendar", "--iterations=4", "--base-time=2026-12-01 12:00:00 UTC", calendar],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "TZ": "UTC"})
+    assert shown.returncode == 0, shown.stderr
+    for month in ("2027-01-01 02:00:00", "2027-04-01 02:00:00", "2027-07-01 02:00:00", "2027-10-01 02:00:00"):
+        assert month in shown.stdout, shown.stdout
