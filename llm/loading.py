@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,7 +193,9 @@ def add_lora(model: torch.nn.Module, adapter: Path, adapter_name: str) -> None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             active = next((m.active_adapters for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        with warnings.catch_warnings():  # "multiple adapters in the model": exactly what is intended here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
         model.peft_config = {**(configs or {}), adapter_name: config}
         model._hf_peft_config_loaded = True
         result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
