@@ -1,7 +1,7 @@
 """fine-tuning: adapter registry and job history
 
 Revision ID: 0006_finetune
-Revises: 0004
+Revises: 0005_audit
 Create Date: 2026-12-01 13:00:00
 """
 from alembic import op
@@ -10,7 +10,7 @@ import sqlmodel
 
 
 revision = '0006_finetune'
-down_revision = '0004'  # the lead re-chains this at merge time (0005 is another branch's)
+down_revision = '0005_audit'
 branch_labels = None
 depends_on = None
 
