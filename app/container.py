@@ -172,9 +172,10 @@ class Container:
 
         return Registry(self.engine)
 
-    # The PII redaction hook of fine-tuning datasets (a ``str -> str`` callable); None: no redaction.
-    # The security layer's redactor is wired here once it exists.
-    finetune_redact = None
+    @property
+    def finetune_redact(self):
+        """The PII redaction hook of fine-tuning datasets (``str -> str``), or None when turned off."""
+        return self.pii.redact if self.settings.finetune.redact_pii else None
 
     def finetune_job_config(self, data_files: list | None = None, eval_files: list | None = None,
                             base_model: str | None = None):

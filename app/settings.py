@@ -217,6 +217,7 @@ class FinetuneSettings(BaseModel):
     data_files: list[Path] = Field(default_factory=list, description="curated chat JSONL (OpenAI messages)")
     eval_files: list[Path] = Field(default_factory=list, description="chat JSONL held out entirely for the gate")
     include_feedback: bool = True  # positively rated answers and corrections from POST /v1/feedback
+    redact_pii: bool = True  # e-mails, phone numbers, ID and card numbers replaced before training
     synthetic_kb: str | None = Field(None, description="knowledge base to write synthetic Q/A pairs from; null: off")
     synthetic_max_chunks: int = Field(50, ge=1)
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of questions held out (by hash)")

@@ -161,3 +161,16 @@ def test_in_process_scheduler_runs_the_job_when_due():
         time.sleep(0.05)
     scheduler.stop()
     assert len(calls) == 1 and calls[0] >= datetime(2027, 1, 1, 2, 0)
+
+
+def test_the_service_redacts_pii_from_fine_tuning_data(tmp_path):
+    from app.container import Container
+    from app.settings import Settings
+
+    container = Container(Settings(data_dir=tmp_path))
+    redact = container.finetune_redact
+    example = ds.Example(qa("Mail of the CEO?", "Write to marta.kovalenko@quillmoor.example or call +44 20 7946 0958.")[
+        "messages"])
+    answer = ds.build([example], eval_fraction=0.0, redact=redact).train[0].answer
+    assert "@" not in answer and "7946" not in answer
+    assert Container(Settings(data_dir=tmp_path, finetune={"redact_pii": False})).finetune_redact is None
