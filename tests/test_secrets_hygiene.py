@@ -64,7 +64,7 @@ def test_no_secret_in_logs_responses_or_audit(upstream: str, models_dir: Path, t
     wrong_key = user_key[:-4] + ("AAAA" if not user_key.endswith("AAAA") else "BBBB")  # right shape, wrong secret
     secrets = [UPSTREAM_KEY, HASH_SECRET, admin_key, user_key, wrong_key]
     bodies: list[str] = []
-    with TestClient(create_app(container)) as client:
+    with TestClient(create_app(container), client=("127.0.0.1", 50000)) as client:
         def call(method: str, path: str, key: str | None, **kwargs) -> int:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             response = client.request(method, path, headers=headers, **kwargs)
