@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from llm import quantization
+from llm import chat_format, quantization
 from llm.chat_format import ChatFormat, chat_format_for, end_of_turn_ids
-from llm.engine import EngineError
+from llm.engine import ChatMessage, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,13 @@ def _load(path, gguf_file, device, dtype, quant, trust_remote_code, lora_adapter
     model.eval()
     if lora_adapter is not None:
         attach_lora(model, lora_adapter)
-    model = quantization.apply(model, quant, device)
 
     config = model.config
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     model_type = getattr(config, "model_type", "")
+    chat = chat_format_for(model_type, tokenizer)
+    if quant != "none" and not quantization.places_model(quant, device):
+        model = quantization.apply(model, quant, device, calibration_ids(tokenizer, chat), model_type)
     eos = _eos_ids(model, tokenizer, model_type)
     if not eos:
         raise EngineError("the model defines no end-of-sequence token; cannot tell when an answer ends")
@@ -125,7 +127,7 @@ def _load(path, gguf_file, device, dtype, quant, trust_remote_code, lora_adapter
     )
     log.info("loaded %s (%s, %s, %s, quantization=%s)", path, model_type, device, dtype, quant)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, chat=chat_format_for(model_type, tokenizer), model_type=model_type,
+        model=model, tokenizer=tokenizer, chat=chat, model_type=model_type,
         eos_token_ids=frozenset(eos), max_context=int(max_context), device=device, dtype=dtype, quantization=quant,
     )
 
@@ -141,8 +143,27 @@ def quantized_copy(loaded: LoadedModel, quant: str) -> LoadedModel:
     quantization.check(quant, loaded.device)
     if quantization.places_model(quant, loaded.device):
         raise EngineError("GPU quantization happens while loading: call load(..., quant=...) instead")
-    model = quantization.apply(copy.deepcopy(loaded.model), quant, loaded.device)
+    calibration = calibration_ids(loaded.tokenizer, loaded.chat)
+    model = quantization.apply(copy.deepcopy(loaded.model), quant, loaded.device, calibration, loaded.model_type)
     return dataclasses.replace(loaded, model=model, quantization=quant)
+
+
+# A short chat in the model's own format for the int8 calibration pass (llm/quantization.py): the
+# template's special tokens, English and Chinese prose and a list, as the engine's prompts have.
+_CALIBRATION = [
+    ChatMessage("system", "You are a helpful assistant. Answer from the documents below and cite them."),
+    ChatMessage("user", "What does the travel policy say about booking trains? 你好，请用中文回答。"),
+]
+_CALIBRATION_ANSWER = (
+    "According to the policy, employees book second-class train tickets at least seven days ahead.\n\n"
+    "1. Use the company portal.\n2. Keep the receipt. 根据政策，员工应提前七天预订二等座火车票。"
+)
+
+
+def calibration_ids(tokenizer, chat: ChatFormat) -> torch.Tensor:
+    ids = chat_format.encode(tokenizer, chat, _CALIBRATION)
+    ids += tokenizer(_CALIBRATION_ANSWER, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids)
 
 
 def _eos_ids(model, tokenizer, model_type: str) -> set[int]:
