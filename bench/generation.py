@@ -1,7 +1,10 @@
 """Generation benchmark: the in-process transformers engine (fp32 vs int8) and llama.cpp as reference.
 
 One run, the bundled SmolLM2-135M-Instruct (Q4_1 GGUF), each configuration in its own child
-process (this file, ``--_worker``) so peak RSS and timings are not mixed up:
+process (this file, ``--_worker``) so peak RSS is its own. The children load in parallel, then the
+parent drives them one command at a time, round-robin: every measurement (single stream, each
+concurrency level, ``--repeat`` times) is taken for fp32, int8 and llama.cpp in turn, so a change of
+load on a shared machine hits all of them alike; the best of the repeats is kept.
 
 * ``transformers/<quantization>``: the model loaded from the GGUF (dequantized) exactly as the
   server does (``llm.loading.load``), then
@@ -136,7 +139,8 @@ async def single_stream(engine, prompt: str, max_new: int) -> dict:
             "decode_tokens_per_s": (last.completion_tokens - 1) / decode_s if decode_s > 0 else float("nan")}
 
 
-def transformers_worker(args) -> dict:
+def transformers_worker(args):
+    """Load one configuration, then answer the parent's commands (see ``serve_commands``)."""
     import torch
 
     from llm.loading import load
@@ -151,42 +155,51 @@ def transformers_worker(args) -> dict:
                   quant=args._worker_quant)
     load_s = time.perf_counter() - t0
     model, tok = loaded.model, loaded.tokenizer
-    out: dict = {
+    info: dict = {
         "engine": f"transformers/{args._worker_quant}", "device": str(loaded.device), "dtype": str(loaded.dtype),
         "load_s": load_s, "weight_mib": weight_bytes(model) / 2**20,
+        "perplexity": perplexity_engine_style(model, tok, HELD_OUT.read_text()),
     }
-    out["perplexity"] = perplexity_engine_style(model, tok, HELD_OUT.read_text())
     engine = TransformersEngine(Path("unused"), name=args.model, max_batch_size=max(args.concurrency),
                                 max_batch_tokens=1 << 20, max_queue=256, max_new_tokens=args.max_new_tokens)
     engine.start_sync(loaded)
+    loop = asyncio.new_event_loop()
 
-    async def scenario():
+    async def answers():
         from llm.engine import ChatMessage, GenerationRequest
 
-        answers = []
+        out = []
         for p in ANSWER_PROMPTS:
             r = await engine.generate(GenerationRequest([ChatMessage("user", p)], max_new_tokens=48))
-            answers.append(r.text)
+            out.append(r.text)
         await single_stream(engine, STREAM_PROMPT, 8)  # warm-up
-        single = [await single_stream(engine, STREAM_PROMPT, args.max_new_tokens) for _ in range(args.repeat)]
-        best = max(single, key=lambda s: s["decode_tokens_per_s"])  # the least disturbed run on a shared machine
-        sweep = {}
-        for c in args.concurrency:
-            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c)]
-            runs = [await timed_requests(engine, prompts, args.max_new_tokens) for _ in range(args.repeat)]
-            sweep[str(c)] = max(runs, key=lambda r: r["tokens_per_s"])
-        return answers, best, sweep
+        return out
 
-    answers, single, sweep = asyncio.run(scenario())
-    asyncio.run(engine.close())
-    out.update(answers=answers, single_stream=single, concurrency=sweep, peak_rss_mib=peak_rss_mib())
-    return out
+    ops = {
+        "info": lambda cmd: info,
+        "answers": lambda cmd: loop.run_until_complete(answers()),
+        "single": lambda cmd: loop.run_until_complete(single_stream(engine, STREAM_PROMPT, args.max_new_tokens)),
+        "concurrent": lambda cmd: loop.run_until_complete(timed_requests(
+            engine, [PROMPTS[i % len(PROMPTS)] for i in range(cmd["c"])], args.max_new_tokens)),
+    }
+    serve_commands(ops)
+    loop.run_until_complete(engine.close())
+
+
+def serve_commands(ops: dict) -> None:
+    """Worker side: one JSON command per stdin line, one ``@@``-prefixed JSON answer per line."""
+    ops = {**ops, "rss": lambda cmd: {"peak_rss_mib": peak_rss_mib()}}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        print("@@" + json.dumps(ops[cmd["op"]](cmd)), flush=True)
 
 
 # --- llama.cpp worker -------------------------------------------------------------------------
 
 
-def llama_cpp_worker(args) -> dict:
+def llama_cpp_worker(args):
     from llama_cpp import Llama
 
     from llm.models import ModelStore
@@ -201,10 +214,9 @@ def llama_cpp_worker(args) -> dict:
         first, n = None, 0
         for part in llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_new,
                                                temperature=0.0, stream=True):
-            delta = part["choices"][0]["delta"]
-            if delta.get("content"):
+            if part["choices"][0]["delta"].get("content"):
                 first = first or time.perf_counter() - start
-                n += 1
+                n += 1  # llama-cpp-python streams one token per chunk
         return first, n, time.perf_counter() - start
 
     def answer(prompt: str) -> str:
@@ -220,46 +232,104 @@ def llama_cpp_worker(args) -> dict:
     scores = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
     logz = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
     nll = -(scores[np.arange(len(ids) - 1), ids[1:]] - logz[:-1]).mean()
+    info = {"engine": "llama.cpp", "device": "cpu", "dtype": "Q4_1", "load_s": load_s,
+            "weight_mib": (resolved.path / resolved.gguf_file).stat().st_size / 2**20,
+            "perplexity": float(math.exp(nll))}
 
-    answers = [answer(p) for p in ANSWER_PROMPTS]
-    stream(STREAM_PROMPT, 8, time.perf_counter())  # warm-up
-    singles = []
-    for _ in range(args.repeat):
+    def answers(cmd):
+        out = [answer(p) for p in ANSWER_PROMPTS]
+        stream(STREAM_PROMPT, 8, time.perf_counter())  # warm-up
+        return out
+
+    def single(cmd):
         t = time.perf_counter()
         first, n, total = stream(STREAM_PROMPT, args.max_new_tokens, t)
-        singles.append({"tokens": n, "ttft_s": first, "decode_tokens_per_s": (n - 1) / (total - first)})
-    sweep = {}
-    for c in args.concurrency:
-        start = time.perf_counter()
+        return {"tokens": n, "ttft_s": first, "decode_tokens_per_s": (n - 1) / (total - first)}
+
+    def concurrent(cmd):
+        # One sequence at a time (what llama-cpp-python's API and its server with one slot do).
+        c, start = cmd["c"], time.perf_counter()
         results = [stream(PROMPTS[i % len(PROMPTS)], args.max_new_tokens, start) for i in range(c)]
         wall = time.perf_counter() - start
         ttft = [r[0] for r in results]
         tokens = sum(r[1] for r in results)
-        sweep[str(c)] = {"requests": c, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-                         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95)}
-    return {
-        "engine": "llama.cpp", "device": "cpu", "dtype": "Q4_1", "load_s": load_s,
-        "weight_mib": (resolved.path / resolved.gguf_file).stat().st_size / 2**20,
-        "perplexity": float(math.exp(nll)), "answers": answers,
-        "single_stream": max(singles, key=lambda s: s["decode_tokens_per_s"]), "concurrency": sweep,
-        "peak_rss_mib": peak_rss_mib(),
-    }
+        return {"requests": c, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+                "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95)}
+
+    serve_commands({"info": lambda cmd: info, "answers": answers, "single": single, "concurrent": concurrent})
 
 
 # --- parent -----------------------------------------------------------------------------------
 
 
-def run_child(args, kind: str, quant: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--_worker", kind, "--models-dir", str(args.models_dir), "--model", args.model,
-           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-           "--max-new-tokens", str(args.max_new_tokens), "--repeat", str(args.repeat),
-           "--concurrency", ",".join(map(str, args.concurrency))]
-    if quant:
-        cmd += ["--_worker-quant", quant]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"engine": kind if not quant else f"transformers/{quant}", "error": proc.stderr.strip()[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Worker:
+    """A configuration in its own child process (clean peak RSS), driven one command at a time."""
+
+    def __init__(self, args, kind: str, quant: str | None = None):
+        self.name = f"transformers/{quant}" if quant else kind
+        cmd = [sys.executable, __file__, "--_worker", kind, "--models-dir", str(args.models_dir), "--model", args.model,
+               "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+               "--max-new-tokens", str(args.max_new_tokens), "--concurrency", ",".join(map(str, args.concurrency))]
+        if quant:
+            cmd += ["--_worker-quant", quant]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.error: str | None = None
+
+    def ask(self, op: str, **kw):
+        if self.error:
+            return None
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+            self.proc.stdin.flush()
+            for line in self.proc.stdout:
+                if line.startswith("@@"):
+                    return json.loads(line[2:])
+        except (BrokenPipeError, OSError):
+            pass
+        self.error = f"worker exited with {self.proc.wait()} during {op!r} (its stderr is above)"
+        return None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.proc.wait()
+
+
+def run_interleaved(args, workers: list[Worker]) -> list[dict]:
+    """Every measurement round-robin over the configurations, so a change of machine load hits all alike."""
+    results = {w.name: {} for w in workers}
+    for w in workers:  # loading happened in parallel; the info (perplexity) is measured one at a time
+        results[w.name].update(w.ask("info") or {})
+    for w in workers:
+        results[w.name]["answers"] = w.ask("answers")
+    singles: dict[str, list] = {w.name: [] for w in workers}
+    for _ in range(args.repeat):
+        for w in workers:
+            singles[w.name].append(w.ask("single"))
+    sweeps: dict[str, dict] = {w.name: {} for w in workers}
+    for c in args.concurrency:
+        runs: dict[str, list] = {w.name: [] for w in workers}
+        for _ in range(args.repeat):
+            for w in workers:
+                runs[w.name].append(w.ask("concurrent", c=c))
+        for w in workers:
+            if not w.error:  # the least disturbed run on a shared machine
+                sweeps[w.name][str(c)] = max(runs[w.name], key=lambda r: r["tokens_per_s"])
+    out = []
+    for w in workers:
+        r = results[w.name]
+        if not w.error:
+            r["single_stream"] = max(singles[w.name], key=lambda s: s["decode_tokens_per_s"])
+            r["single_stream_runs"] = [s["decode_tokens_per_s"] for s in singles[w.name]]
+            r["concurrency"] = sweeps[w.name]
+            r.update(w.ask("rss") or {})
+        w.close()
+        out.append({"engine": w.name, "error": w.error} if w.error else r)
+    return out
 
 
 def machine() -> str:
@@ -321,6 +391,15 @@ def print_table(results: list[dict], args) -> list[str]:
                 gain = r["concurrency"]["16"]["tokens_per_s"] / r["single_stream"]["decode_tokens_per_s"]
                 verdicts.append(f"{r['engine']} 16 concurrent = {gain:.1f}x single-stream (target >= 5x): "
                                 f"{'PASS' if gain >= 5 else 'FAIL'}")
+    llama = next((r for r in ok if r["engine"] == "llama.cpp"), None)
+    if llama:
+        for r in ok:
+            if r is llama:
+                continue
+            parts = [f"single-stream {r['single_stream']['decode_tokens_per_s'] / llama['single_stream']['decode_tokens_per_s']:.2f}x"]
+            parts += [f"c={c} {r['concurrency'][c]['tokens_per_s'] / llama['concurrency'][c]['tokens_per_s']:.2f}x"
+                      for c in conc if c in r["concurrency"] and c in llama["concurrency"]]
+            print(f"{r['engine']} vs llama.cpp (tokens/s ratio): " + ", ".join(parts))
     for v in verdicts:
         print(v)
     return verdicts
@@ -345,20 +424,25 @@ def main() -> None:
     args = parser.parse_args()
 
     if args._worker == "transformers":
-        print(json.dumps(transformers_worker(args)))
+        transformers_worker(args)
         return
     if args._worker == "llama.cpp":
-        print(json.dumps(llama_cpp_worker(args)))
+        llama_cpp_worker(args)
         return
 
-    results = [run_child(args, "transformers", q) for q in args.quantization.split(",")]
+    load_before = os.getloadavg()
+    workers = [Worker(args, "transformers", q) for q in args.quantization.split(",")]
     if not args.no_llama_cpp:
-        results.append(run_child(args, "llama.cpp"))
+        workers.append(Worker(args, "llama.cpp"))
+    results = run_interleaved(args, workers)
+    load_after = os.getloadavg()
     if args.json:
         print(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-                          "results": results}, indent=2))
+                          "load_avg": [load_before, load_after], "results": results}, indent=2))
         return
-    print(f"machine: {machine()}; max_new_tokens={args.max_new_tokens}, threads={args.threads}\n")
+    print(f"machine: {machine()}; max_new_tokens={args.max_new_tokens}, threads={args.threads}, "
+          f"repeat={args.repeat}; load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, "
+          f"after {'/'.join(f'{x:.1f}' for x in load_after)}\n")
     print_table(results, args)
 
 
