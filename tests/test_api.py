@@ -175,6 +175,95 @@ def test_bad_requests_get_openai_style_errors(server, who, method, path, body, s
     assert error["code"] == code and error["message"] and error["type"]
 
 
+FAQ_NOTE = "# Returns\n\nCustomers may return unopened items within 30 days for a full refund at any store.\n"
+
+
+@pytest.fixture(scope="module")
+def faq(server) -> str:
+    """The knowledge base the service key 'bot' is pinned to, with one document."""
+    with http(server, "admin") as admin:
+        assert admin.post("/v1/knowledge_bases", json={"name": "faq"}).status_code == 201
+        up = admin.post("/v1/knowledge_bases/faq/documents", files={"file": ("returns.md", FAQ_NOTE.encode())})
+        assert up.status_code == 201, up.text
+    return "faq"
+
+
+def test_service_key_chats_and_searches_its_own_knowledge_base_only(server, faq):
+    """A bot's key (role service, pinned to one KB): chat and search there, models; nothing else."""
+    oa = client(server, "bot")
+    assert "smollm2-135m-instruct" in {m.id for m in oa.models.list()}
+    stream = oa.chat.completions.create(
+        model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Can I return an item?"}],
+        max_tokens=4, temperature=0, stream=True, extra_body={"knowledge_base": faq})
+    chunks = list(stream)
+    assert [s["source"] for s in chunks[0].model_extra["sources"]] == ["returns.md"]
+    with http(server, "bot") as bot:
+        found = bot.post("/v1/search", json={"query": "return unopened items refund", "knowledge_base": faq})
+        assert found.status_code == 200 and found.json()["results"][0]["source"] == "returns.md"
+        assert bot.get("/v1/knowledge_bases").json()["data"] == [{"name": faq}]
+        elsewhere = [
+            ("post", "/v1/search", {"query": "leave", "knowledge_base": "default"}),
+            ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "knowledge_base": "default"}),
+        ]
+        not_for_bots = [
+            ("post", "/v1/embeddings", {"input": ["x"]}),
+            ("get", "/v1/conversations", None),
+            ("get", "/v1/conversations/nope", None),
+            ("post", "/v1/feedback", {"completion_id": "chatcmpl-x", "rating": 1}),
+            ("get", "/v1/keys", None),
+            ("post", "/v1/keys", {"name": "x"}),
+            ("post", "/v1/knowledge_bases", {"name": "mine"}),
+            ("get", f"/v1/knowledge_bases/{faq}/documents", None),
+            ("get", "/v1/ingest/runs", None),
+            ("delete", f"/v1/knowledge_bases/{faq}", None),
+        ]
+        for method, path, body in elsewhere + not_for_bots:
+            r = getattr(bot, method)(path, **({"json": body} if body is not None else {}))
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", (path, r.text)
+    # The KB is still there (the DELETE above was refused), and an unpinned service key cannot be made.
+    with http(server, "admin") as admin:
+        assert {"name": faq} in [{"name": k["name"]} for k in admin.get("/v1/knowledge_bases").json()["data"]]
+        unpinned = admin.post("/v1/keys", json={"name": "bot2", "role": "service"})
+        assert unpinned.status_code == 400 and "pinned" in unpinned.json()["error"]["message"]
+
+
+def test_integration_doc_snippet_runs(server, faq):
+    """docs/integration.md's bot (its first python block), run as written against this server."""
+    import os
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "integration.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    env = {**os.environ, "ENCLAVE_URL": server["base"], "ENCLAVE_KEY": server["keys"]["bot"]}
+    run = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, _, answer = run.stdout.partition("\n")
+    assert first.startswith("sources:") and "returns.md" in first
+    assert answer.strip()
+
+
+def test_full_queue_answers_503_before_a_stream_starts(server):
+    """Excess load is refused with a clean 503 + Retry-After (never a 200 stream that breaks off)."""
+    scheduler = server["container"].generation_engine.scheduler
+    limits = scheduler.max_batch_size, scheduler.max_queue
+    scheduler.max_batch_size, scheduler.max_queue = 1, 0
+    ask = {"messages": [{"role": "user", "content": "Tell me about the leave policy."}], "max_tokens": MAX_NEW_TOKENS,
+           "stream": True, "rag": False}
+    try:
+        with http(server, "user") as first, http(server, "user") as second:
+            with first.stream("POST", "/v1/chat/completions", json=ask) as running:
+                lines = running.iter_lines()
+                for line in lines:  # up to the first generated text: the request now holds the only slot
+                    if line.startswith("data: ") and '"content": ""' not in line:
+                        break
+                refused = second.post("/v1/chat/completions", json=ask)
+                assert refused.status_code == 503 and refused.headers["retry-after"]
+                assert refused.json()["error"]["code"] == "server_busy"
+                assert any(l == "data: [DONE]" for l in lines)  # the running stream is not disturbed
+    finally:
+        scheduler.max_batch_size, scheduler.max_queue = limits
+
+
 def test_malformed_json_and_oversized_prompt(server):
     with http(server, "user") as c:
         bad = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})

@@ -83,16 +83,29 @@ class ChatService:
                                     top_p=chat.top_p, seed=chat.seed, stop=chat.stop)
         return PreparedChat(new_id("chatcmpl"), int(time.time()), request, sources, question, started)
 
-    async def stream(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
-        """The engine's stream, measured: time to first token, time per later token, tokens, outcome."""
+    def stream(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
+        """The engine's stream, measured: time to first token, time per later token, tokens, outcome.
+
+        The engine is asked now, not at the first iteration: a full queue (``EngineBusy``) is raised
+        here, before a streaming response has started, so the client gets a clean 503 instead of a
+        200 whose stream breaks off.
+        """
         prepared.request.request_id = prepared.completion_id
+        try:
+            chunks = self.engine.stream(prepared.request)
+        except EngineBusy:
+            metrics.GENERATION_REQUESTS.labels(self.engine.name, "rejected").inc()
+            raise
+        return self._measured(prepared, chunks)
+
+    async def _measured(self, prepared: PreparedChat, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
         model = self.engine.name
         first = last = None
         outcome = "cancelled"  # unless the stream ends or fails below: the consumer closed it early
         redacting = self.answer_redactor.streaming() if self.answer_redactor is not None else None
         metrics.ENGINE.started()
         try:
-            async with aclosing(self.engine.stream(prepared.request)) as chunks:
+            async with aclosing(chunks):
                 async for chunk in chunks:
                     now = time.perf_counter()
                     if chunk.text and first is None:

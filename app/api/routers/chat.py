@@ -16,7 +16,7 @@ from app.api.audit import AuditTrail, AuditUnavailable, trail
 from app.api.errors import AUDIT_UNAVAILABLE, ApiError, error_body
 from app.container import Container
 from app.services.chat import ChatInput, ChatService
-from llm.engine import ChatMessage, EngineError
+from llm.engine import ChatMessage, EngineBusy, EngineError
 from security.principal import Principal
 
 router = APIRouter(tags=["chat"])
@@ -129,6 +129,7 @@ async def chat_completions(
     # byte, so a failing audit log fails the request with a plain 503; the outcome record (answer
     # sha256, tokens) follows when the stream ends, and if it cannot be written the stream ends with
     # an audit_unavailable error event instead of [DONE].
+    chunks = service.stream(prepared)  # a busy engine answers 503 here, before the stream starts
     await act.start()
 
     async def events():
@@ -138,12 +139,16 @@ async def chat_completions(
             try:
                 # A client that disconnects closes this generator, and aclosing closes the engine's
                 # stream at once, which frees the request's slot in the running batch.
-                async with aclosing(service.stream(prepared)) as stream:
+                async with aclosing(chunks) as stream:
                     async for chunk in stream:
                         parts.append(chunk.text)
                         last = chunk
                         if chunk.text:
                             yield event({"content": chunk.text})
+            except EngineBusy as exc:  # the queue filled between the check above and joining it
+                await act.finish(exc)
+                yield f"data: {json.dumps(error_body(503, str(exc), 'server_busy'))}\n\n"
+                return
             except EngineError as exc:
                 await act.finish(exc)
                 yield f"data: {json.dumps(error_body(502, f'generation failed: {exc}', 'engine_error'))}\n\n"
