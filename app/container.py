@@ -240,4 +240,5 @@ class Container:
             context_window=cfg.context_window, max_new_tokens=cfg.max_new_tokens,
             max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,
             step_observer=metrics.observe_batch_step,
+            threads=cfg.threads,
         )

@@ -56,6 +56,9 @@ class GenerationSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1)
     max_batch_tokens: int = Field(16384, ge=256, description="prompt + generated tokens held in the running batch")
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond it: busy")
+    # CPU threads for the model's matmuls; null: torch's default (one per core). On a host whose
+    # cores are shared with other work, 1 was 3x faster than 2 (docs/benchmarks.md).
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null: one per core")
     # openai engine: any OpenAI-compatible server (vLLM, llama.cpp server, transformers serve)
     openai_base_url: str | None = None
     openai_api_key: SecretStr | None = None

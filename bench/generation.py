@@ -307,7 +307,7 @@ def run_interleaved(args, workers: list[Worker]) -> list[dict]:
     for w in workers:
         results[w.name]["answers"] = w.ask("answers")
     singles: dict[str, list] = {w.name: [] for w in workers}
-    for _ in range(args.repeat):
+    for _ in range(args.single_repeat):
         for w in workers:
             singles[w.name].append(w.ask("single"))
     sweeps: dict[str, dict] = {w.name: {} for w in workers}
@@ -415,7 +415,10 @@ def main() -> None:
     parser.add_argument("--quantization", default="none,int8", help="comma-separated: none,int8,int4")
     parser.add_argument("--concurrency", default="1,4,16,32", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch / llama.cpp threads (1: on a 2-core host shared with other work, 2 threads "
+                             "were 3x slower; see docs/benchmarks.md)")
+    parser.add_argument("--single-repeat", type=int, default=5, help="single-stream runs per configuration")
     parser.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is kept")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
@@ -441,7 +444,7 @@ def main() -> None:
                           "load_avg": [load_before, load_after], "results": results}, indent=2))
         return
     print(f"machine: {machine()}; max_new_tokens={args.max_new_tokens}, threads={args.threads}, "
-          f"repeat={args.repeat}; load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, "
+          f"repeat={args.repeat} (single stream {args.single_repeat}); load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, "
           f"after {'/'.join(f'{x:.1f}' for x in load_after)}\n")
     print_table(results, args)
 

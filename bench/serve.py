@@ -90,6 +90,8 @@ class Server:
             "ENCLAVE_GENERATION__MAX_QUEUE": str(args.max_queue),
             "ENCLAVE_GENERATION__QUANTIZATION": args.quantization,
         }
+        if args.threads:
+            self.env["ENCLAVE_GENERATION__THREADS"] = str(args.threads)
         if args.models_dir:
             self.env["ENCLAVE_MODELS_DIR"] = str(args.models_dir)
         self.enclave = [sys.executable, "-m", "app.cli.main"]
@@ -213,6 +215,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16, help="generation.max_batch_size of the server")
     parser.add_argument("--max-queue", type=int, default=64, help="generation.max_queue of the server")
     parser.add_argument("--quantization", default="none", help="generation.quantization of the server")
+    parser.add_argument("--threads", type=int, help="generation.threads of the server (default: its own)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per request")
     parser.add_argument("--keep", action="store_true", help="keep the server's data dir (and its log)")
     parser.add_argument("--json", action="store_true")
@@ -251,7 +254,7 @@ def main() -> None:
                           "server_peak_rss_mib": rss, "levels": levels, "verdicts": verdicts}, indent=2))
         return
     print(f"max_tokens={args.max_tokens}, requests/client={args.requests}, rag={not args.no_rag} (top_k {args.top_k}), "
-          f"max_batch_size={args.max_batch_size}, max_queue={args.max_queue}, quantization={args.quantization}; "
+          f"max_batch_size={args.max_batch_size}, max_queue={args.max_queue}, quantization={args.quantization}, threads={args.threads or 'default'}; "
           f"load average before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
           f"{'/'.join(f'{x:.1f}' for x in load_after)}" + (f"; server peak RSS {rss:.0f} MiB" if rss else ""))
     print(f"{'clients':>8}{'requests':>10}{'ok':>6}{'req/s':>8}{'tok/s':>8}{'TTFT p50 s':>12}{'TTFT p95 s':>12}  refused / errors")

@@ -2,17 +2,17 @@
 
 CPU (measured on the 2-core target machine with SmolLM2-135M; figures in docs/benchmarks.md):
 
-* ``int8``: PyTorch dynamic quantization (``torch.ao.quantization.quantize_dynamic``) of every
-  ``nn.Linear``, lm_head included, with **per-output-channel** weight scales. Activations are
-  quantized on the fly per batch and the matmuls run in fbgemm's int8 kernels, so decoding reads a
-  quarter of the weight bytes and runs ~2.5-3x faster than fp32. Chosen because it is the fastest
-  option available without ``torch.compile`` (torchao's int8 configs run their int8 matmul
-  through generic ops in eager mode and were slower than fp32 here), and compiling is not
-  practical for a continuously changing batch shape. Per-channel scales matter: the default
-  per-tensor qconfig tripled the perplexity of this model (the GGUF weights are already on a
-  4-bit grid, one outlier row sets the whole tensor's scale); per-channel stays within ~1-2%.
-  The API is deprecated in favour of torchao but still ships in torch 2.13; we import it lazily
-  and fail with a clear message the day it is gone.
+* ``int8``: PyTorch dynamic quantization (``torch.ao.quantization.quantize_dynamic``, fbgemm
+  kernels) of every ``nn.Linear``, lm_head included, with per-output-channel weight scales, made
+  accurate by two additions (``quantize_int8_cpu``): a SmoothQuant calibration pass at load time
+  (outlier channels) and per-token activation ranges (outlier tokens). Decoding reads a quarter of
+  the Linear weight bytes; on SmolLM2-135M held-out perplexity stays within ~1.5% of fp32 and
+  single-stream decoding is ~2x faster (docs/benchmarks.md). Chosen because it is the fastest
+  option available without ``torch.compile``: torchao's int8 configs run their per-token int8
+  matmul through generic eager ops and were slower than fp32 here, ``torch._int_mm`` has no fast
+  CPU kernel, and compiling is not practical for a continuously changing batch shape. The
+  torch.ao API is deprecated in favour of torchao but still ships in torch 2.13; we import it
+  lazily and fail with a clear message the day it is gone.
 * ``int4``: refused on CPU (``EngineError``); see ``_INT4_CPU`` for what was measured.
 
 GPU: bitsandbytes, configured at load time through ``BitsAndBytesConfig`` (``int8`` = LLM.int8,
@@ -38,7 +38,7 @@ METHODS = ("none", "int8", "int4")
 _INT4_CPU = (
     "quantization int4 is not supported on CPU: torchao's int4 weight-only kernels need bfloat16 "
     "and were slower than int8 here, and bitsandbytes 4-bit needs a GPU. Use quantization: int8 on CPU "
-    "(about 3x faster than fp32), or int4 on a CUDA device."
+    "(about 2x faster than fp32), or int4 on a CUDA device."
 )
 
 

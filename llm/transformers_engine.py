@@ -13,6 +13,8 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import torch
+
 from llm import chat_format
 from llm.batching import BatchScheduler, Sequence, StepObserver
 from llm.engine import (
@@ -59,6 +61,7 @@ class TransformersEngine:
         prefill_token_budget: int = 1024,
         step_observer: StepObserver | None = None,
         adapter_version: str | None = None,
+        threads: int | None = None,
     ):
         self.name = name
         self.context_window = context_window or 0  # the model's own window once started, unless configured
@@ -73,6 +76,7 @@ class TransformersEngine:
             max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
             prefill_token_budget=prefill_token_budget, step_observer=step_observer,
         )
+        self._threads = threads
         self._loaded: LoadedModel | None = None
         self._scheduler: BatchScheduler | None = None
         self._start_lock = asyncio.Lock()
@@ -92,6 +96,9 @@ class TransformersEngine:
     def start_sync(self, loaded: LoadedModel) -> None:
         """Start on an already loaded model (benchmarks and tests share one model between engines)."""
         self._loaded = loaded
+        if self._threads:
+            # Process-wide; the scheduler thread, created below, picks it up for its first op.
+            torch.set_num_threads(self._threads)
         self.context_window = self._configured_window or loaded.max_context
         self._scheduler = BatchScheduler(
             loaded.model, eos_token_ids=loaded.eos_token_ids, context_window=self.context_window, **self._limits
