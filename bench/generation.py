@@ -408,7 +408,7 @@ def print_table(results: list[dict], args) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models-dir", type=Path,
-                        default=Path(os.environ.get("ENCLAVE_MODELS_DIR") or "/tmp/enclave-test-models"))
+                        default=Path(os.environ.get("ENCLAVE_MODELS_DIR") or REPO / "var" / "models"))
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--dtype", default="auto")

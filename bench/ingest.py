@@ -33,7 +33,7 @@ Models: ``$ENCLAVE_MODELS_DIR/all-minilm-l6-v2`` (default ``var/models``, filled
 
 Usage::
 
-    HF_HUB_OFFLINE=1 ENCLAVE_MODELS_DIR=/tmp/enclave-test-models .venv/bin/python bench/ingest.py
+    HF_HUB_OFFLINE=1 ENCLAVE_MODELS_DIR=var/models .venv/bin/python bench/ingest.py
     .venv/bin/python bench/ingest.py --files 50            # quick try
     .venv/bin/python bench/ingest.py --corpus /some/html --json
 

@@ -59,7 +59,7 @@ Reproduce (Debian 12; nothing is installed by this script)::
     mkdir -p /var/tmp/enclave-bench && cd /var/tmp/enclave-bench \\
       && apt-get download libreoffice-help-zh-cn \\
       && dpkg-deb -x libreoffice-help-zh-cn_*.deb libreoffice-help-zh-cn
-    HF_HUB_OFFLINE=1 ENCLAVE_MODELS_DIR=/tmp/enclave-test-models .venv/bin/python bench/retrieval.py
+    HF_HUB_OFFLINE=1 ENCLAVE_MODELS_DIR=var/models .venv/bin/python bench/retrieval.py
 
 Options: ``--skip-speed``, ``--skip-quality`` (speed still ingests the corpora with Enclave to get
 real chunks), ``--skip-langchain``, ``--sizes 10000,100000``, ``--json``, ``--work-dir DIR --keep``
