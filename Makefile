@@ -115,12 +115,17 @@ test: venv models postgres browser promtool helm nginx bandit
 	PATH="$(CURDIR)/var/tools/helm:$$PATH" \
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# Every benchmark runs even when an earlier one misses a target (exit 1); the GPU check only where
+# torch sees a CUDA device (it needs the model folder argument described in docs/benchmarks.md).
 bench: $(INSTALLED_BENCH) models
-	for f in bench/*.py; do \
+	status=0; for f in bench/*.py; do \
 		[[ -e "$$f" ]] || continue; \
+		if [[ "$$f" == bench/gpu_* ]] && ! $(BIN)/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
+			echo "=== $$f: skipped (no CUDA device)"; continue; \
+		fi; \
 		echo "=== $$f"; \
-		$(BIN)/python "$$f"; \
-	done
+		$(BIN)/python "$$f" || status=1; \
+	done; exit $$status
 
 # --- housekeeping ------------------------------------------------------------------------------
 
