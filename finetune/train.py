@@ -158,31 +158,30 @@ def tokenize_all(examples: list[Example], tokenizer, fmt: ChatFormat, eos_ids, m
     return kept, skipped
 
 
-def collate(batch: list[Tokenized], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded tensors; padding is masked out of attention and loss."""
+def _padded(batch: list[Tokenized], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask) padded to the longest row, on the left or the right."""
     width = max(len(t.input_ids) for t in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, t in enumerate(batch):
         n = len(t.input_ids)
-        ids[row, :n] = torch.tensor(t.input_ids)
-        labels[row, :n] = torch.tensor(t.labels)
-        mask[row, :n] = 1
+        cols = slice(width - n, width) if left else slice(0, n)
+        ids[row, cols] = torch.tensor(t.input_ids)
+        labels[row, cols] = torch.tensor(t.labels)
+        mask[row, cols] = 1
+    return ids, labels, mask
+
+
+def collate(batch: list[Tokenized], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; padding is masked out of attention and loss."""
+    ids, labels, mask = _padded(batch, pad_id, left=False)
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
 def collate_left(batch: list[Tokenized], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Left-padded tensors with explicit positions: every row's answer ends in the last column."""
-    width = max(len(t.input_ids) for t in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, t in enumerate(batch):
-        n = len(t.input_ids)
-        ids[row, width - n:] = torch.tensor(t.input_ids)
-        labels[row, width - n:] = torch.tensor(t.labels)
-        mask[row, width - n:] = 1
+    ids, labels, mask = _padded(batch, pad_id, left=True)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts from 0, as when it runs alone
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
             "position_ids": positions.to(device)}
