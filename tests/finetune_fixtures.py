@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 CHATML = (
@@ -85,3 +86,14 @@ def random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
                 p.normal_(std=0.5)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy matrices: one thread is ~10x faster than two on a loaded 2-core host (no OpenMP spinning).
+
+    Autouse in every module that imports it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,17 +14,9 @@ from finetune.registry import Registry
 from llm.engine import ChatMessage, GenerationRequest
 from llm.loading import load
 from llm.transformers_engine import TransformersEngine
-from tests.finetune_fixtures import make_tiny_llama, random_adapter
+from tests.finetune_fixtures import make_tiny_llama, one_thread, random_adapter  # noqa: F401 (autouse)
 
 LONG = 120  # tokens of the request in flight during the swap
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -33,19 +33,10 @@ from llm.chat_format import ChatFormat, GLM4_TEMPLATE, encode
 from llm.engine import ChatMessage
 from llm.loading import load
 from tests.conftest import REPO
-from tests.finetune_fixtures import colour_records, make_tiny_llama, qa
+from tests.finetune_fixtures import colour_records, make_tiny_llama, one_thread, qa  # noqa: F401 (autouse)
 
 FAST = TrainConfig(rank=8, alpha=16, dropout=0.0, learning_rate=2e-2, epochs=4, batch_size=4, max_length=96,
                    checkpoint_every=2, warmup_ratio=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy matrices: one thread is ~10x faster than two on a loaded 2-core host (no OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
