@@ -353,13 +353,14 @@ class AuditLog:
         row = conn.execute(query).first()
         if row is None:
             # First append ever: create the head of the empty chain (a restore or a concurrent first
-            # writer may have made it already: insert-or-ignore, then lock it). A missing head next
-            # to existing records means someone removed it.
-            if conn.execute(sa.select(RECORDS.c.seq).limit(1)).first() is not None:
-                raise AuditError("the audit chain head row is missing while records exist (tampered with)")
+            # writer may have made it already: insert-or-ignore - which waits for a concurrent
+            # inserter - then lock it). Only then judge: a head at the genesis next to existing
+            # records means someone removed it; a concurrent first writer's head has moved on.
             dialect = postgresql if not self._sqlite else sqlite
             conn.execute(dialect.insert(HEAD).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing())
             row = conn.execute(query).first()
+            if int(row.seq) == 0 and conn.execute(sa.select(RECORDS.c.seq).limit(1)).first() is not None:
+                raise AuditError("the audit chain head row is missing while records exist (tampered with)")
         return int(row.seq), row.hash
 
     def _insert_checkpoint(self, conn, seq: int, hash_: str) -> dict[str, Any]:
