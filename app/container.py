@@ -239,6 +239,6 @@ class Container:
             quantization=cfg.quantization, trust_remote_code=cfg.trust_remote_code,
             context_window=cfg.context_window, max_new_tokens=cfg.max_new_tokens,
             max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,
-            step_observer=metrics.observe_batch_step,
+            prefix_cache_tokens=cfg.prefix_cache_tokens, step_observer=metrics.observe_batch_step,
             threads=cfg.threads,
         )

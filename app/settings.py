@@ -56,6 +56,8 @@ class GenerationSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1)
     max_batch_tokens: int = Field(16384, ge=256, description="prompt + generated tokens held in the running batch")
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond it: busy")
+    # Keys/values of recent prompt prefixes (system turn, RAG instructions) kept for reuse.
+    prefix_cache_tokens: int = Field(4096, ge=0, description="tokens of prompt-prefix KV cache kept; 0: off")
     # CPU threads for the model's matmuls; null: torch's default (one per core). On a host whose
     # cores are shared with other work, 1 was 3x faster than 2 (docs/benchmarks.md).
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; null: one per core")

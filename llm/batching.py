@@ -47,6 +47,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from llm.engine import EngineBusy, EngineError
+from llm.prefix_cache import LayerKV, PrefixCache, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,34 @@ def new_cache(num_layers: int) -> Cache:
     return Cache(layers=[GrowableLayer() for _ in range(num_layers)])
 
 
+# Rows that joined together: their sequences, their cache (one row each, left-padded to a common
+# width) and its attention mask [rows, width] (1 = a real token).
+Block = tuple[list["Sequence"], Cache, torch.Tensor]
+
+# A group of prompts prefilled in one call may pad its shorter prompts by at most this share of
+# its real tokens (padding is computed and thrown away).
+_PAD_LIMIT = 1.25
+
+
+def _groups(seqs: list["Sequence"]) -> list[list["Sequence"]]:
+    """Split requests into runs of similar prompt length (shortest first) that pad little when batched."""
+    groups: list[list[Sequence]] = []
+    total = 0
+    for s in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+        n = len(s.prompt_ids)  # the longest so far, since sorted
+        if groups and n * (len(groups[-1]) + 1) <= _PAD_LIMIT * (total + n):
+            groups[-1].append(s)
+            total += n
+        else:
+            groups.append([s])
+            total = n
+    return groups
+
+
+def _layer_kv(cache: Cache, row: int, length: int) -> list[LayerKV]:
+    return [(layer.keys[row : row + 1, :, :length], layer.values[row : row + 1, :, :length]) for layer in cache.layers]
+
+
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     if n == 0:
         return t
@@ -170,6 +199,7 @@ class BatchScheduler:
         max_batch_tokens: int = 16384,
         max_queue: int = 64,
         prefill_token_budget: int = 1024,
+        prefix_cache_tokens: int = 4096,
         step_observer: StepObserver | None = None,
     ):
         self.model = model
@@ -181,6 +211,10 @@ class BatchScheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
         self.prefill_token_budget = prefill_token_budget
+        # Keys/values of recent prompt prefixes (llm/prefix_cache.py); 0 tokens turns it off.
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        # A group's common prefix shorter than this is not worth its own forward call.
+        self.min_shared_prefix = 16
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
 
         # transformers 5 renamed the cache argument and output from past_key_values to cache;
@@ -209,6 +243,7 @@ class BatchScheduler:
         # Counters for benchmarks and metrics.
         self.steps = 0
         self.decoded_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens run through the model (cached prefixes excluded)
 
     # --- public API (any thread) ----------------------------------------------------------------
 
@@ -292,13 +327,14 @@ class BatchScheduler:
                         self._idle_jobs.clear()
                     for fn, done in idle:
                         self._run_job(fn, done)
+                    if self.prefix_cache is not None:  # computed with the weights before the job
+                        self.prefix_cache.clear()
             admitted: list[Sequence] = []
             try:
                 with torch.inference_mode():
                     self._drop([i for i, s in enumerate(self._rows) if s.cancelled])
                     admitted = self._admit()
-                    joining = [j for j in (self._prefill(s) for s in admitted) if j is not None]
-                    self._merge(joining)
+                    self._merge(self._prefill(admitted))
                     if self._rows:
                         self._decode_step()
                 with self._cond:
@@ -372,39 +408,114 @@ class BatchScheduler:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, s: Sequence) -> tuple[Sequence, Cache] | None:
-        """Run the prompt alone, sample its first token; return its cache if it goes on decoding."""
-        if s.temperature > 0:
-            s.generator = torch.Generator(device=self.device).manual_seed(s.seed)
-        cache = new_cache(self.num_layers)
-        ids = torch.tensor([s.prompt_ids], device=self.device)
-        logits = self._forward(ids, cache=cache)
-        s.length = len(s.prompt_ids)
-        if self._accept(s, self._sample([s], logits)[0]):
-            return None
-        return s, cache
+    def _prefill(self, seqs: list[Sequence]) -> list[Block]:
+        """Prefill the admitted requests in groups of similar length; one block per group."""
+        blocks = []
+        for group in _groups(seqs):
+            block = self._prefill_group(group)
+            if block is not None:
+                blocks.append(block)
+        return blocks
 
-    def _merge(self, joining: list[tuple[Sequence, Cache]]) -> None:
+    def _prefill_group(self, group: list[Sequence]) -> Block | None:
+        """One forward call for the group's prompts (left-padded), on a shared prefix computed once.
+
+        The prefix is the group's common prefix (the chat template's system turn, the RAG
+        instructions), taken from the prefix cache when a recent request already computed it; the
+        rest of each prompt goes through the model as one padded batch. Returns the rows that go on
+        decoding with their cache and mask (None when every row ended at its first token).
+        """
+        n = len(group)
+        for s in group:
+            if s.temperature > 0:
+                s.generator = torch.Generator(device=self.device).manual_seed(s.seed)
+        prompts = [torch.tensor(s.prompt_ids) for s in group]
+        limit = min(p.numel() for p in prompts) - 1  # every row keeps at least one token to run
+        shared = limit if n > 1 else 0
+        for p in prompts[1:]:
+            shared = min(shared, common_prefix(prompts[0], p))
+        prefix_len, stored = 0, None
+        if self.prefix_cache is not None:
+            prefix_len, stored = self.prefix_cache.lookup(prompts[0], self.tag, shared if n > 1 else limit)
+        prefix: Cache | None = None
+        if stored is not None:
+            prefix = new_cache(self.num_layers)
+            for layer, (k, v) in zip(prefix.layers, stored):
+                layer.assign(k, v)
+        if n > 1 and shared > prefix_len and shared >= self.min_shared_prefix:
+            # Run the part of the common prefix not stored yet, once, as a batch of one.
+            prefix = prefix if prefix is not None else new_cache(self.num_layers)
+            ids = prompts[0][prefix_len:shared].unsqueeze(0).to(self.device)
+            positions = torch.arange(prefix_len, shared, device=self.device).unsqueeze(0)
+            self._forward(ids, position_ids=positions, cache=prefix)
+            prefix_len = shared
+            self.prefill_tokens += ids.shape[1]
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(prompts[0][:shared], self.tag, _layer_kv(prefix, 0, shared))
+
+        suffixes = [p[prefix_len:] for p in prompts]
+        width = max(x.numel() for x in suffixes)
+        pads = [width - x.numel() for x in suffixes]
+        cache = new_cache(self.num_layers)
+        if prefix is not None:
+            for layer, held in zip(cache.layers, prefix.layers):
+                layer.assign(held.keys[:, :, :prefix_len].expand(n, -1, -1, -1),
+                             held.values[:, :, :prefix_len].expand(n, -1, -1, -1))
+        ids = torch.stack([_pad_left(x, k, 0) for x, k in zip(suffixes, pads)]).to(self.device)
+        mask = torch.ones(n, prefix_len + width, dtype=torch.long, device=self.device)
+        for row, k in enumerate(pads):
+            mask[row, prefix_len : prefix_len + k] = 0
+        offsets = torch.tensor(pads, device=self.device).unsqueeze(1)
+        positions = (prefix_len + torch.arange(width, device=self.device).unsqueeze(0) - offsets).clamp_(min=0)
+        padded = any(pads)
+        logits = self._forward(ids, attention_mask=mask if padded else None,
+                               position_ids=positions if (padded or prefix_len) else None, cache=cache)
+        self.prefill_tokens += sum(x.numel() for x in suffixes)
+        if padded:
+            # Padding columns are masked out, but their keys/values must not be NaN (a fully masked
+            # query row can produce NaN, and 0 x NaN is NaN in the attention's weighted sum).
+            for layer in cache.layers:
+                for row, k in enumerate(pads):
+                    if k:
+                        layer.keys[row, :, prefix_len : prefix_len + k] = 0
+                        layer.values[row, :, prefix_len : prefix_len + k] = 0
+        if self.prefix_cache is not None and n == 1:
+            self.prefix_cache.store(prompts[0], self.tag, _layer_kv(cache, 0, prompts[0].numel()))
+        keep = []
+        for row, (s, token) in enumerate(zip(group, self._sample(group, logits))):
+            s.length = len(s.prompt_ids)
+            if not self._accept(s, token):
+                keep.append(row)
+        if not keep:
+            return None
+        if len(keep) < n:
+            index = torch.tensor(keep, device=self.device)
+            for layer in cache.layers:
+                layer.assign(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+            mask = mask.index_select(0, index)
+        return [group[i] for i in keep], cache, mask
+
+    def _merge(self, blocks: list[Block]) -> None:
         """Append the new rows to the running batch, left-padding everyone to a common length."""
-        if not joining:
+        if not blocks:
             return
         current = self._mask.shape[1] if self._rows else 0
-        width = max([current] + [s.length for s, _ in joining])
+        width = max([current] + [mask.shape[1] for _, _, mask in blocks])
         masks = [_pad_left(self._mask, width - current, 1)] if self._rows else []
-        masks += [_pad_left(torch.ones(1, s.length, dtype=torch.long, device=self.device), width - s.length, 1)
-                  for s, _ in joining]
+        masks += [_pad_left(mask, width - mask.shape[1], 1) for _, _, mask in blocks]
         if self._cache is None:
             self._cache = new_cache(self.num_layers)
         for i in range(self.num_layers):
             layer = self._cache.layers[i]
             parts_k = [_pad_left(layer.keys, width - current, 2)] if self._rows else []
             parts_v = [_pad_left(layer.values, width - current, 2)] if self._rows else []
-            for s, c in joining:
-                parts_k.append(_pad_left(c.layers[i].keys, width - s.length, 2))
-                parts_v.append(_pad_left(c.layers[i].values, width - s.length, 2))
+            for _, c, mask in blocks:
+                parts_k.append(_pad_left(c.layers[i].keys, width - mask.shape[1], 2))
+                parts_v.append(_pad_left(c.layers[i].values, width - mask.shape[1], 2))
             layer.assign(torch.cat(parts_k, 0), torch.cat(parts_v, 0))
         self._mask = torch.cat(masks, 0)
-        self._rows.extend(s for s, _ in joining)
+        for seqs, _, _ in blocks:
+            self._rows.extend(seqs)
 
     def _drop(self, indices: list[int]) -> None:
         """Remove finished or cancelled rows, then trim padding columns no row needs any more."""

@@ -59,6 +59,7 @@ class TransformersEngine:
         max_queue: int = 64,
         lora_adapter: Path | None = None,
         prefill_token_budget: int = 1024,
+        prefix_cache_tokens: int = 4096,
         step_observer: StepObserver | None = None,
         adapter_version: str | None = None,
         threads: int | None = None,
@@ -74,7 +75,8 @@ class TransformersEngine:
         self._configured_window = context_window
         self._limits = dict(
             max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
-            prefill_token_budget=prefill_token_budget, step_observer=step_observer,
+            prefill_token_budget=prefill_token_budget, prefix_cache_tokens=prefix_cache_tokens,
+            step_observer=step_observer,
         )
         self._threads = threads
         self._loaded: LoadedModel | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,43 @@ def test_greedy_inside_a_busy_batch_equals_alone(engine, alone):
     # The batch really changed around the target: others were present, and rows came and went.
     assert max(seen_batch_sizes) >= 3
     assert len(set(seen_batch_sizes)) >= 2
+
+
+def test_requests_arriving_together_are_prefilled_together_on_a_shared_prefix(smol):
+    """Prompts admitted in one step run as one padded prefill on their common prefix, computed once
+    (and kept: a later request starts from it); every answer equals the one computed alone."""
+    prompts = ["What is 2 + 2?", "Name three colours of the rainbow.", "Say hello.",
+               "Explain in one sentence what a database index is.", "Why is the sky blue?"]
+    plain = make_engine(smol, max_batch_size=1, prefix_cache_tokens=0)
+    try:
+        reference = [run(plain.generate(ask(p, max_new_tokens=12))).text for p in prompts]
+    finally:
+        run(plain.close())
+    batched = make_engine(smol, max_batch_size=8)
+    ids = [batched._encode([ChatMessage("user", p)]) for p in prompts]
+    shared = next(i for i in range(min(map(len, ids))) if len({t[i] for t in ids}) > 1)
+    scheduler = batched.scheduler
+
+    async def together():
+        hold = threading.Event()  # keep the scheduler busy until every request is queued
+        scheduler.call_between_steps(hold.wait, lambda result, error: None)
+        tasks = [asyncio.create_task(batched.generate(ask(p, max_new_tokens=12))) for p in prompts]
+        while scheduler.waiting < len(prompts):
+            await asyncio.sleep(0.01)
+        hold.set()
+        return [r.text for r in await asyncio.gather(*tasks)]
+
+    try:
+        assert run(together()) == reference
+        # The system turn every prompt starts with went through the model once, not five times.
+        assert shared >= 16
+        assert scheduler.prefill_tokens == sum(map(len, ids)) - (len(prompts) - 1) * shared
+        hits = scheduler.prefix_cache.hits
+        again = run(batched.generate(ask("Say hello.", max_new_tokens=12)))
+        assert again.text == reference[2]
+        assert scheduler.prefix_cache.hits == hits + 1
+    finally:
+        run(batched.close())
 
 
 def test_streaming_deltas_and_token_accounting(engine, smol):
@@ -324,6 +362,7 @@ def test_int8_perplexity_stays_within_5_percent_of_fp32(smol):
     """
     int8 = quantized_copy(smol, "int8")
     assert not any(type(m) is torch.nn.Linear for m in int8.model.modules())  # lm_head included
+    assert hasattr(int8.model.model.layers[0].self_attn, "fused_qkv")  # q/k/v quantized as one
     text = HELD_OUT.read_text()
     fp32_ppl, int8_ppl = perplexity(smol.model, smol.tokenizer, text), perplexity(int8.model, smol.tokenizer, text)
     assert fp32_ppl < 60  # the model reads the text at all
@@ -338,6 +377,28 @@ def test_int8_perplexity_stays_within_5_percent_of_fp32(smol):
     finally:
         run(engine.close())
     assert all(a.completion_tokens > 0 and a.text.strip() for a in answers)
+
+
+def test_fused_projections_compute_what_the_separate_ones_did(smol):
+    """q/k/v and gate/up as one Linear each (llm/fusion.py): same logits, fewer calls."""
+    from llm.fusion import ProjectionSlice, fuse_projections
+
+    fused = copy.deepcopy(smol.model)
+    layers = fused.config.num_hidden_layers
+    assert fuse_projections(fused) == 2 * layers
+    assert fuse_projections(fused) == 0  # already fused
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert isinstance(attn.q_proj, ProjectionSlice) and isinstance(mlp.up_proj, ProjectionSlice)
+    assert attn.fused_qkv.out_features == attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
+    calls = []
+    for m in fused.modules():
+        if type(m) is torch.nn.Linear:
+            m.register_forward_hook(lambda *_: calls.append(1))
+    ids = smol.tokenizer("The lighthouse keeper climbed the stairs", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        expected, got = smol.model(input_ids=ids).logits, fused(input_ids=ids).logits
+    assert torch.allclose(expected, got, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 4 * layers + 1  # qkv, o, gate_up, down per layer, and the lm_head
 
 
 def test_int8_rows_keep_their_own_activation_range():
