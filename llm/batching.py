@@ -5,8 +5,8 @@ from any thread; between two decode steps the loop
 
 1. drops rows whose consumer went away (``Sequence.cancel``),
 2. admits waiting requests within the limits (``max_batch_size``, ``max_batch_tokens``), prefills
-   each one alone and samples its first token from the prefill logits (that is the time to first
-   token), and
+   them (grouped by length, on their shared prefix, see below) and samples each one's first token
+   from the prefill logits (that is the time to first token), and
 3. merges their KV caches into the running batch and runs one decode step for every row at once.
 
 The running batch is ONE ``DynamicCache``-shaped cache whose rows are left-padded to a common
@@ -23,10 +23,14 @@ docs/benchmarks.md):
 * Keeping one cache per request and padding them together every step costs a copy of the whole
   KV state per step; merging once, when a request joins, and selecting rows when one leaves, costs
   a copy only on those events.
-* Prefilling each new request alone (a batch of one, no padding) keeps its prompt computation
-  identical to a solo run, and prefill is already a matrix-matrix product on CPU, so batching
-  several prefills would gain little. A token budget per step (``prefill_token_budget``) bounds how
-  long the running rows wait while a burst of new requests is prefilled.
+* Requests admitted in the same step are prefilled together: grouped by prompt length (padding at
+  most 25%), each group as one left-padded batch on top of the group's common prefix (the chat
+  template's system turn, the RAG rules), which is computed once. A prefix that a recent request
+  already computed comes from ``llm/prefix_cache.py`` instead. Measured: 16 prefills of ~38 tokens
+  3.0 s one by one -> 0.83 s grouped (int8), because a call's Python and per-call costs are paid
+  once and the shared part once. A lone request with no cached prefix runs exactly as before (a
+  batch of one, no padding). A token budget per step (``prefill_token_budget``) bounds how long
+  the running rows wait while a burst of new requests is prefilled.
 * The cache layers append into spare capacity (``GrowableLayer``) instead of ``torch.cat``-ing
   the whole cache on every step as ``DynamicLayer`` does.
 
