@@ -240,5 +240,6 @@ class Container:
             context_window=cfg.context_window, max_new_tokens=cfg.max_new_tokens,
             max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens, max_queue=cfg.max_queue,
             prefix_cache_tokens=cfg.prefix_cache_tokens, step_observer=metrics.observe_batch_step,
+            prefill_observer=metrics.observe_prefill,
             threads=cfg.threads,
         )

@@ -56,6 +56,13 @@ BATCH_SIZE = Histogram(
     "enclave_generation_batch_size", "Requests decoded together in one step of the in-process engine",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+PREFILL_TOKENS = Counter(
+    "enclave_generation_prefill_tokens",
+    "Prompt tokens prefilled by the in-process engine: computed, or cached (taken from a shared or cached prefix)",
+    ["source"],
+)
+for _source in ("computed", "cached"):
+    PREFILL_TOKENS.labels(_source)
 RETRIEVAL_DURATION = Histogram(
     "enclave_retrieval_duration_seconds", "Searches (dense, BM25 and fusion, reranking when configured)", ["mode"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
@@ -80,6 +87,12 @@ for _status in ("finished", "failed"):
 def observe_batch_step(batch_size: int) -> None:
     """``llm.batching`` step observer."""
     BATCH_SIZE.observe(batch_size)
+
+
+def observe_prefill(computed: int, cached: int) -> None:
+    """``llm.batching`` prefill observer."""
+    PREFILL_TOKENS.labels("computed").inc(computed)
+    PREFILL_TOKENS.labels("cached").inc(cached)
 
 
 def observe_search(stats: SearchStats) -> None:

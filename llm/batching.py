@@ -64,6 +64,11 @@ EventCallback = Callable[[int | None, str | None, BaseException | None], None]
 # any metrics library (a plain call per step, nothing when no observer is set).
 StepObserver = Callable[[int], None]
 
+# prefill_observer(computed, cached): called after every prefill with the prompt tokens that went
+# through the model and those taken from a cached or shared prefix instead (they sum to the prompt
+# tokens of the requests prefilled).
+PrefillObserver = Callable[[int, int], None]
+
 
 class Sequence:
     """One request, at the token level. Created by the engine, owned by the scheduler once submitted."""
@@ -205,9 +210,11 @@ class BatchScheduler:
         prefill_token_budget: int = 1024,
         prefix_cache_tokens: int = 4096,
         step_observer: StepObserver | None = None,
+        prefill_observer: PrefillObserver | None = None,
     ):
         self.model = model
         self.step_observer = step_observer
+        self.prefill_observer = prefill_observer
         self.device = next(model.parameters()).device
         self.eos = frozenset(int(t) for t in eos_token_ids)
         self.context_window = context_window
@@ -430,6 +437,7 @@ class BatchScheduler:
         decoding with their cache and mask (None when every row ended at its first token).
         """
         n = len(group)
+        computed_before = self.prefill_tokens
         for s in group:
             if s.temperature > 0:
                 s.generator = torch.Generator(device=self.device).manual_seed(s.seed)
@@ -475,6 +483,8 @@ class BatchScheduler:
         logits = self._forward(ids, attention_mask=mask if padded else None,
                                position_ids=positions if (padded or prefix_len) else None, cache=cache)
         self.prefill_tokens += sum(x.numel() for x in suffixes)
+        computed = self.prefill_tokens - computed_before
+        self._observe(self.prefill_observer, computed, sum(p.numel() for p in prompts) - computed)
         if padded:
             # Padding columns are masked out, but their keys/values must not be NaN (a fully masked
             # query row can produce NaN, and 0 x NaN is NaN in the attention's weighted sum).
@@ -550,17 +560,22 @@ class BatchScheduler:
         tokens = self._sample(rows, logits)
         self.steps += 1
         self.decoded_tokens += len(rows)
-        if self.step_observer is not None:
-            try:
-                self.step_observer(len(rows))
-            except Exception:  # an observer must never break generation
-                log.debug("step observer failed", exc_info=True)
+        self._observe(self.step_observer, len(rows))
         finished = []
         for i, (s, token) in enumerate(zip(rows, tokens)):
             s.length += 1
             if self._accept(s, token):
                 finished.append(i)
         self._drop(finished)
+
+    @staticmethod
+    def _observe(observer: Callable[..., None] | None, *args: int) -> None:
+        if observer is None:
+            return
+        try:
+            observer(*args)
+        except Exception:  # an observer must never break generation
+            log.debug("observer failed", exc_info=True)
 
     @staticmethod
     def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llm import chat_format
-from llm.batching import BatchScheduler, Sequence, StepObserver
+from llm.batching import BatchScheduler, PrefillObserver, Sequence, StepObserver
 from llm.engine import (
     ChatMessage,
     EngineBusy,
@@ -61,6 +61,7 @@ class TransformersEngine:
         prefill_token_budget: int = 1024,
         prefix_cache_tokens: int = 4096,
         step_observer: StepObserver | None = None,
+        prefill_observer: PrefillObserver | None = None,
         adapter_version: str | None = None,
         threads: int | None = None,
     ):
@@ -76,7 +77,7 @@ class TransformersEngine:
         self._limits = dict(
             max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
             prefill_token_budget=prefill_token_budget, prefix_cache_tokens=prefix_cache_tokens,
-            step_observer=step_observer,
+            step_observer=step_observer, prefill_observer=prefill_observer,
         )
         self._threads = threads
         self._loaded: LoadedModel | None = None

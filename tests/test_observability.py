@@ -137,6 +137,9 @@ def test_series_move_with_chat_search_and_upload(traffic):
     assert delta("enclave_generation_time_to_first_token_seconds_count", model=model) == 1
     assert 0 < delta("enclave_generation_time_to_first_token_seconds_sum", model=model) < 600
     assert delta("enclave_generation_prompt_tokens_total", model=model) == usage["prompt_tokens"]
+    # Every prompt token was either computed by the prefill or taken from a cached prefix.
+    prefilled = [delta("enclave_generation_prefill_tokens_total", source=s) for s in ("computed", "cached")]
+    assert prefilled[0] > 0 and sum(prefilled) == usage["prompt_tokens"]
     assert delta("enclave_generation_generated_tokens_total", model=model) == usage["completion_tokens"]
     finish = traffic["chat"]["choices"][0]["finish_reason"]
     assert delta("enclave_generation_requests_total", model=model, outcome=finish) == 1
