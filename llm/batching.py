@@ -51,7 +51,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from llm.engine import EngineBusy, EngineError
-from llm.prefix_cache import LayerKV, PrefixCache, common_prefix
+from llm.prefix_cache import MIN_PREFIX_TOKENS, LayerKV, PrefixCache, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,6 @@ class BatchScheduler:
         self.prefill_token_budget = prefill_token_budget
         # Keys/values of recent prompt prefixes (llm/prefix_cache.py); 0 tokens turns it off.
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
-        # A group's common prefix shorter than this is not worth its own forward call.
-        self.min_shared_prefix = 16
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
 
         # transformers 5 renamed the cache argument and output from past_key_values to cache;
@@ -437,7 +435,6 @@ class BatchScheduler:
         decoding with their cache and mask (None when every row ended at its first token).
         """
         n = len(group)
-        computed_before = self.prefill_tokens
         for s in group:
             if s.temperature > 0:
                 s.generator = torch.Generator(device=self.device).manual_seed(s.seed)
@@ -446,7 +443,7 @@ class BatchScheduler:
         shared = limit if n > 1 else 0
         for p in prompts[1:]:
             shared = min(shared, common_prefix(prompts[0], p))
-        prefix_len, stored = 0, None
+        prefix_len, stored, computed = 0, None, 0
         if self.prefix_cache is not None:
             prefix_len, stored = self.prefix_cache.lookup(prompts[0], self.tag, shared if n > 1 else limit)
         prefix: Cache | None = None
@@ -454,14 +451,14 @@ class BatchScheduler:
             prefix = new_cache(self.num_layers)
             for layer, (k, v) in zip(prefix.layers, stored):
                 layer.assign(k, v)
-        if n > 1 and shared > prefix_len and shared >= self.min_shared_prefix:
+        if n > 1 and shared > prefix_len and shared >= MIN_PREFIX_TOKENS:
             # Run the part of the common prefix not stored yet, once, as a batch of one.
             prefix = prefix if prefix is not None else new_cache(self.num_layers)
             ids = prompts[0][prefix_len:shared].unsqueeze(0).to(self.device)
             positions = torch.arange(prefix_len, shared, device=self.device).unsqueeze(0)
             self._forward(ids, position_ids=positions, cache=prefix)
             prefix_len = shared
-            self.prefill_tokens += ids.shape[1]
+            computed += ids.shape[1]
             if self.prefix_cache is not None:
                 self.prefix_cache.store(prompts[0][:shared], self.tag, _layer_kv(prefix, 0, shared))
 
@@ -482,8 +479,8 @@ class BatchScheduler:
         padded = any(pads)
         logits = self._forward(ids, attention_mask=mask if padded else None,
                                position_ids=positions if (padded or prefix_len) else None, cache=cache)
-        self.prefill_tokens += sum(x.numel() for x in suffixes)
-        computed = self.prefill_tokens - computed_before
+        computed += sum(x.numel() for x in suffixes)
+        self.prefill_tokens += computed
         self._observe(self.prefill_observer, computed, sum(p.numel() for p in prompts) - computed)
         if padded:
             # Padding columns are masked out, but their keys/values must not be NaN (a fully masked

@@ -20,6 +20,10 @@ from collections import OrderedDict
 
 import torch
 
+# A shared prefix shorter than this is not worth reusing (a lookup and a copy) or, for a group of
+# prompts, its own forward call.
+MIN_PREFIX_TOKENS = 16
+
 # keys and values of one layer, each [1, kv_heads, tokens, head_dim]
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
@@ -36,7 +40,7 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
 class PrefixCache:
     """Keys/values of recently prefilled prefixes, bounded by a total token budget (LRU)."""
 
-    def __init__(self, max_tokens: int = 4096, min_tokens: int = 16):
+    def __init__(self, max_tokens: int = 4096, min_tokens: int = MIN_PREFIX_TOKENS):
         self.max_tokens = max_tokens
         self.min_tokens = min_tokens
         self._entries: OrderedDict[int, tuple[object, torch.Tensor, list[LayerKV]]] = OrderedDict()

@@ -29,6 +29,7 @@ from llm.chat_format import (
 from llm.engine import ChatMessage, EngineError, GenerationRequest
 from llm.loading import load, quantized_copy
 from llm.transformers_engine import TransformersEngine
+from tests.tiny_tokenizer import train_bpe_tokenizer
 
 SPECIAL = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
            "<|assistant|>", "<|observation|>"]
@@ -51,19 +52,8 @@ def run(coro):
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL[1:], chat_template=GLM4_TEMPLATE,
-    )
+    return train_bpe_tokenizer(CORPUS, SPECIAL, vocab_size=400, eos="<|endoftext|>", pad="<|endoftext|>",
+                               extra_special=SPECIAL[1:], chat_template=GLM4_TEMPLATE)
 
 
 @pytest.fixture(scope="session")
