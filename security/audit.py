@@ -396,14 +396,15 @@ class AuditLog:
             row = conn.execute(sa.select(HEAD.c.seq, HEAD.c.hash).where(HEAD.c.id == 1)).first()
         return {"seq": int(row.seq), "hash": row.hash} if row else None
 
-    def records(self, since_seq: int = 1, batch: int = 2000) -> Iterator[dict[str, Any]]:
+    def records(self, since_seq: int = 1, batch: int = 2000, until_seq: int | None = None) -> Iterator[dict[str, Any]]:
         """Records in seq order, read in batches (bounded memory for long chains)."""
         cursor = since_seq - 1
         while True:
+            query = sa.select(RECORDS).where(RECORDS.c.seq > cursor)
+            if until_seq is not None:
+                query = query.where(RECORDS.c.seq <= until_seq)
             with self.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(RECORDS).where(RECORDS.c.seq > cursor).order_by(RECORDS.c.seq).limit(batch)
-                ).mappings().all()
+                rows = conn.execute(query.order_by(RECORDS.c.seq).limit(batch)).mappings().all()
             if not rows:
                 return
             for row in rows:
@@ -427,11 +428,40 @@ class AuditLog:
         return [dict(r) for r in rows]
 
     def verify(self) -> VerifyReport:
-        return verify_chain(self.records(), self.checkpoints(), self.public_keys, head=self.head() or {"seq": 0, "hash": GENESIS})
+        """Verify the chain up to the head as read first, while appends may go on.
+
+        The records are read in several batches, so the reading is not one snapshot: an append
+        between reading the records and reading the head would look like a head pointing past the
+        records. An append commits its record and the head together, so every record up to a head
+        once read is committed: that head bounds the records and checkpoints verified. What lies
+        beyond it is checked afterwards against the head as it is then (``_beyond_head``).
+        """
+        return self._verify()[0]
+
+    def _verify(self) -> tuple[VerifyReport, dict[str, Any]]:
+        head = self.head() or {"seq": 0, "hash": GENESIS}
+        checkpoints = [cp for cp in self.checkpoints() if cp["seq"] <= head["seq"]]
+        report = verify_chain(self.records(until_seq=head["seq"]), checkpoints, self.public_keys, head=head)
+        self._beyond_head(report)
+        return report, head
+
+    def _beyond_head(self, report: VerifyReport) -> None:
+        """Records or checkpoints past the current head were not written by ``append`` (which moves
+        the head in the same transaction): records left behind when the head was set back, say.
+        The highest seqs are read before the head, so a concurrent append cannot trip this."""
+        with self.engine.connect() as conn:
+            last_record = conn.execute(sa.select(sa.func.max(RECORDS.c.seq))).scalar() or 0
+            last_checkpoint = conn.execute(sa.select(sa.func.max(CHECKPOINTS.c.seq))).scalar() or 0
+        head = self.head() or {"seq": 0, "hash": GENESIS}
+        if last_record > head["seq"]:
+            report._problem(head["seq"] + 1, f"records up to seq {last_record} lie beyond the chain head at {head['seq']}")
+        if last_checkpoint > head["seq"]:
+            report.checkpoint_mismatches.append(last_checkpoint)
+            report._problem(head["seq"] + 1, f"a signed checkpoint covers seq {last_checkpoint} but the chain head "
+                                             f"is at {head['seq']} (records removed from the end)")
 
     def status(self) -> dict[str, Any]:
-        report = self.verify()
-        head = self.head() or {"seq": 0, "hash": GENESIS}
+        report, head = self._verify()
         return {
             "verified": report.ok, "records": report.records, "last_seq": head["seq"],
             "first_broken_seq": report.first_broken_seq, "problems": report.problems[:5],

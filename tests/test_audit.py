@@ -173,9 +173,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_concurrent_writers_in_several_processes_keep_one_chain(log: AuditLog, database_url: str, tmp_path: Path):
-    workers, per_worker = 4, 40
+def _start_writers(database_url: str, tmp_path: Path, workers: int, per_worker: int) -> list[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     key = str(tmp_path / "secrets" / "audit-signing.key")
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, database_url, key, str(w), str(per_worker)], env=env,
@@ -185,9 +183,47 @@ def test_concurrent_writers_in_several_processes_keep_one_chain(log: AuditLog, d
     for p in procs:
         p.stdin.write("go\n")
         p.stdin.flush()
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.stdin.close()
         assert p.wait(timeout=600) == 0
+
+
+@pytest.mark.slow
+def test_verification_while_others_append_sees_a_clean_chain(log: AuditLog, database_url: str, tmp_path: Path):
+    """The admin page verifies the chain while the requests around it are being audited: a
+    verification that overlaps appends must not report the chain head running ahead of the records."""
+    fill(log, 3)
+    procs = _start_writers(database_url, tmp_path, workers=2, per_worker=150)
+    verified = []
+    while any(p.poll() is None for p in procs):
+        report = log.verify()
+        assert report.ok, report.problems
+        status = log.status()
+        assert status["verified"] and status["last_seq"] == status["records"], status
+        verified.append(report.last_seq)
+    _wait(procs)
+    assert len(set(verified)) > 1  # the verifications really overlapped the appends
+    report = log.verify()
+    assert report.ok and report.last_seq == 303, report.problems
+
+
+def test_records_left_beyond_the_head_are_detected(log: AuditLog):
+    fill(log, 6)
+    last = next(r for r in log.records(5))
+    execute(log, HEAD.update().where(HEAD.c.id == 1).values(seq=5, hash=last["hash"]))  # the head set back by one
+    report = log.verify()
+    assert not report.ok and report.first_broken_seq == 6, report.problems
+    assert any("beyond the chain head" in p for p in report.problems)
+
+
+@pytest.mark.slow
+def test_concurrent_writers_in_several_processes_keep_one_chain(log: AuditLog, database_url: str, tmp_path: Path):
+    workers, per_worker = 4, 40
+    _wait(_start_writers(database_url, tmp_path, workers, per_worker))
     report = log.verify()
     assert report.ok, report.problems
     total = workers * per_worker
