@@ -51,6 +51,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from llm.engine import EngineBusy, EngineError
+from llm.lean_decode import lean_decoder
 from llm.prefix_cache import MIN_PREFIX_TOKENS, LayerKV, PrefixCache, common_prefix
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,9 @@ class BatchScheduler:
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_logits = "logits_to_keep" in params
+        # Decode steps of Llama-family models skip transformers' per-call glue (llm/lean_decode.py);
+        # rebuilt after every job, since a job may change the modules (attaching a LoRA adapter).
+        self._lean = lean_decoder(model)
 
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
@@ -367,12 +371,12 @@ class BatchScheduler:
             self._notify(s, None, None, error)
         self._drop(list(range(len(self._rows))))
 
-    @staticmethod
-    def _run_job(fn, done) -> None:
+    def _run_job(self, fn, done) -> None:
         try:
             result, error = fn(), None
         except Exception as exc:
             result, error = None, exc
+        self._lean = lean_decoder(self.model)
         done(result, error)
 
     def _final_length(self, s: Sequence) -> int:
@@ -553,7 +557,10 @@ class BatchScheduler:
         ids = torch.tensor([[s.last_token] for s in rows], device=self.device)
         positions = torch.tensor([[s.length] for s in rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        logits = self._forward(ids, attention_mask=self._mask, position_ids=positions, cache=self._cache)
+        if self._lean is not None:
+            logits = self._lean(ids, self._mask, positions, self._cache)
+        else:
+            logits = self._forward(ids, attention_mask=self._mask, position_ids=positions, cache=self._cache)
         tokens = self._sample(rows, logits)
         self.steps += 1
         self.decoded_tokens += len(rows)
