@@ -33,6 +33,8 @@ docs/benchmarks.md):
   the running rows wait while a burst of new requests is prefilled.
 * The cache layers append into spare capacity (``GrowableLayer``) instead of ``torch.cat``-ing
   the whole cache on every step as ``DynamicLayer`` does.
+* Decode steps of Llama, Mistral and Qwen2 models on CPU go through ``llm/lean_decode.py``: the
+  same arithmetic as the model's forward, bit for bit, without its per-call glue (7-16% per step).
 
 Text (detokenisation, stop strings) is not handled here: the engine does it on the consumer side,
 so this module deals only in token ids.
