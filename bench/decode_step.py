@@ -42,6 +42,7 @@ def main() -> None:
     from llm import chat_format
     from llm.batching import BatchScheduler, Sequence
     from llm.engine import ChatMessage
+    from llm.lean_decode import lean_decoder
     from llm.loading import load
     from llm.models import ModelStore
 
@@ -51,19 +52,17 @@ def main() -> None:
 
     def scheduler(lean: bool) -> BatchScheduler:
         s = BatchScheduler(loaded.model, eos_token_ids=[], context_window=8192, max_batch_size=args.rows,
-                           max_batch_tokens=1 << 22)
-        if not lean:
-            s._lean = None
-        for i in range(args.rows):
+                           max_batch_tokens=1 << 22, lean_decode=lean)
+        for i in range(args.rows):  # queued only: the scheduler thread is never started, steps run here
             ids = chat_format.encode(loaded.tokenizer, loaded.chat, [ChatMessage("user", PROMPTS[i % len(PROMPTS)])])
-            s._waiting.append(Sequence(ids, max_new_tokens=1 << 20, on_event=lambda *_: None))
+            s.submit(Sequence(ids, max_new_tokens=1 << 20, on_event=lambda *_: None))
         with torch.inference_mode():
             s._merge(s._prefill(s._admit()))
         return s
 
-    arms = {"transformers forward": scheduler(False), "lean step": scheduler(True)}
-    if arms["lean step"]._lean is None:
+    if lean_decoder(loaded.model) is None:
         sys.exit(f"{MODEL} does not take the lean step (llm/lean_decode.py)")
+    arms = {"transformers forward": scheduler(False), "lean step": scheduler(True)}
     times: dict[str, list[float]] = {name: [] for name in arms}
     with torch.inference_mode():
         for _ in range(args.repeat):

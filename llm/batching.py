@@ -214,6 +214,7 @@ class BatchScheduler:
         prefix_cache_tokens: int = 4096,
         step_observer: StepObserver | None = None,
         prefill_observer: PrefillObserver | None = None,
+        lean_decode: bool = True,
     ):
         self.model = model
         self.step_observer = step_observer
@@ -236,7 +237,9 @@ class BatchScheduler:
         self._keep_logits = "logits_to_keep" in params
         # Decode steps of Llama-family models skip transformers' per-call glue (llm/lean_decode.py);
         # rebuilt after every job, since a job may change the modules (attaching a LoRA adapter).
-        self._lean = lean_decoder(model)
+        # ``lean_decode=False`` keeps the model's forward for every step (benchmarks compare both).
+        self.lean_decode = lean_decode
+        self._lean = lean_decoder(model) if lean_decode else None
 
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
@@ -378,7 +381,7 @@ class BatchScheduler:
             result, error = fn(), None
         except Exception as exc:
             result, error = None, exc
-        self._lean = lean_decoder(self.model)
+        self._lean = lean_decoder(self.model) if self.lean_decode else None
         done(result, error)
 
     def _final_length(self, s: Sequence) -> int:
@@ -491,11 +494,10 @@ class BatchScheduler:
         if padded:
             # Padding columns are masked out, but their keys/values must not be NaN (a fully masked
             # query row can produce NaN, and 0 x NaN is NaN in the attention's weighted sum).
+            padding = (mask == 0)[:, None, :, None]  # [rows, 1, columns, 1]: broadcast over heads and dims
             for layer in cache.layers:
-                for row, k in enumerate(pads):
-                    if k:
-                        layer.keys[row, :, prefix_len : prefix_len + k] = 0
-                        layer.values[row, :, prefix_len : prefix_len + k] = 0
+                layer.keys.masked_fill_(padding, 0)
+                layer.values.masked_fill_(padding, 0)
         if self.prefix_cache is not None and n == 1:
             self.prefix_cache.store(prompts[0], self.tag, _layer_kv(cache, 0, prompts[0].numel()))
         keep = []
