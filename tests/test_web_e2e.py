@@ -242,7 +242,10 @@ def test_admin_upload_find_remove_and_keys(browser, enclave_server: EnclaveServe
     assert "finished" in page.locator("#runs-table tbody").inner_text()
     page.locator("#audit-body dt", has_text="verified").wait_for()
     assert page.locator("#audit-body .status-pill.ok").first.inner_text() == "yes"
-    assert page.locator("#doc-table tbody tr[data-source='leave-policy.md']").count() == 1
+    # The sections load in parallel: wait for the document table rather than assume it came first.
+    sample = page.locator("#doc-table tbody tr[data-source='leave-policy.md']")
+    sample.wait_for()
+    assert sample.count() == 1
 
     # Upload a document with access groups; it is ingested and listed.
     page.get_by_label("Knowledge base", exact=True).select_option("default")
