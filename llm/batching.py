@@ -239,7 +239,7 @@ class BatchScheduler:
         # rebuilt after every job, since a job may change the modules (attaching a LoRA adapter).
         # ``lean_decode=False`` keeps the model's forward for every step (benchmarks compare both).
         self.lean_decode = lean_decode
-        self._lean = lean_decoder(model) if lean_decode else None
+        self._lean = self._build_lean()
 
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
@@ -381,8 +381,11 @@ class BatchScheduler:
             result, error = fn(), None
         except Exception as exc:
             result, error = None, exc
-        self._lean = lean_decoder(self.model) if self.lean_decode else None
+        self._lean = self._build_lean()
         done(result, error)
+
+    def _build_lean(self):
+        return lean_decoder(self.model) if self.lean_decode else None
 
     def _final_length(self, s: Sequence) -> int:
         return min(len(s.prompt_ids) + s.max_new_tokens, self.context_window)
