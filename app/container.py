@@ -10,7 +10,7 @@ from pathlib import Path
 from app import metrics
 from app.conversations import ConversationStore
 from app.db import make_engine, upgrade
-from app.services.chat import ChatService
+from app.services.chat import AnswerOptions, ChatService
 from app.settings import Settings
 from ingest.chunking import Chunker
 from ingest.pipeline import IngestPipeline
@@ -164,7 +164,15 @@ class Container:
     @cached_property
     def chat_service(self) -> ChatService:
         return ChatService(self.retriever, self.generation_engine, self.conversations,
-                           answer_redactor=self.pii if self.settings.generation.redact_answers else None)
+                           answer_redactor=self.pii if self.settings.generation.redact_answers else None,
+                           options=answer_options(self.settings), embed=self.embed_for_evidence)
+
+    def embed_for_evidence(self, texts: list[str]):
+        """[question, sentence, ...] -> vectors (the question embedded as a query, the rest as passages)."""
+        import numpy as np
+
+        embedder = self.embedder
+        return np.vstack([embedder.embed_query(texts[0])[None, :], embedder.embed_passages(texts[1:])])
 
     @cached_property
     def finetune_registry(self):
@@ -243,3 +251,21 @@ class Container:
             prefill_observer=metrics.observe_prefill,
             threads=cfg.threads,
         )
+
+
+def answer_options(settings: Settings) -> AnswerOptions:
+    """The ``answer`` settings over the generation model's prompt profile (null fields keep the profile's)."""
+    from dataclasses import replace
+
+    from llm.evidence import profile_for
+
+    a = settings.answer
+    model = settings.generation.model if settings.generation.engine == "transformers" else (
+        settings.generation.openai_model or settings.generation.model)
+    profile = profile_for(model)
+    overrides = {k: v for k, v in {
+        "compress": a.compress, "max_blocks": a.max_blocks, "max_sentences": a.max_sentences,
+        "block_chars": a.block_chars, "one_shot": a.one_shot, "repetition_penalty": a.repetition_penalty,
+        "no_repeat_ngram": a.no_repeat_ngram}.items() if v is not None}
+    return AnswerOptions(policy=a.policy, profile=replace(profile, **overrides), loop_guard=a.loop_guard,
+                         min_relevance=a.min_relevance, min_relevance_zh=a.min_relevance_zh, min_overlap=a.min_overlap)

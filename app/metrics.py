@@ -52,6 +52,13 @@ GENERATION_REQUESTS = Counter(
     "enclave_generation_requests", "Generations by outcome: stop, length, cancelled, error, rejected (queue full)",
     ["model", "outcome"],
 )
+GENERATION_LOOPS = Counter(
+    "enclave_generation_loops", "Generations the loop guard ended because they repeated themselves", ["model"]
+)
+ANSWERS = Counter(
+    "enclave_answers", "Answers by how they were made (generated, extractive, abstained) and whether every "
+    "sentence was supported by a cited block", ["mode", "grounded"]
+)
 BATCH_SIZE = Histogram(
     "enclave_generation_batch_size", "Requests decoded together in one step of the in-process engine",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),

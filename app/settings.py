@@ -71,6 +71,32 @@ class GenerationSettings(BaseModel):
     redact_answers: bool = False
 
 
+class AnswerSettings(BaseModel):
+    """How answers are made and checked (docs/benchmarks.md, "Answer quality", backs the defaults).
+
+    policy: generate (the model's answer as it is, checked and reported but not replaced), verify
+    (the model's answer only where every sentence is supported by a cited block, else the extractive
+    answer or "I don't know"), extractive (the best-supported sentences of the retrieved passages,
+    quoted, no generation). Prompt budget and decoding guards come from the model's profile
+    (llm/evidence.py PROFILES); the fields left null here keep the profile's value.
+    """
+
+    policy: Literal["generate", "verify", "extractive"] = "verify"
+    compress: bool | None = Field(None, description="keep only the relevant sentences of each chunk; null: profile")
+    max_blocks: int | None = Field(None, ge=1, description="context blocks in the prompt; null: profile")
+    max_sentences: int | None = Field(None, ge=1, description="sentences in all; null: profile")
+    block_chars: int | None = Field(None, ge=50, description="characters per block; null: profile")
+    one_shot: bool | None = Field(None, description="a worked citation example in the system prompt; null: profile")
+    repetition_penalty: float | None = Field(None, ge=1.0, le=2.0, description="null: profile")
+    no_repeat_ngram: int | None = Field(None, ge=0, le=16, description="0: off; null: profile")
+    loop_guard: bool = Field(True, description="end a generation that repeats itself and cut the repetition")
+    # Below this evidence score no sentence of the permitted context bears on the question: the
+    # answer says so instead of guessing (English / mostly-Chinese questions).
+    min_relevance: float = Field(0.30, ge=0, le=1)
+    min_relevance_zh: float = Field(0.30, ge=0, le=1)
+    min_overlap: float = Field(0.5, ge=0, le=1, description="share of a sentence's terms its cited blocks must hold")
+
+
 class ChunkingSettings(BaseModel):
     chunk_size: int = Field(750, ge=50, description="characters per chunk")
     chunk_overlap: int = Field(150, ge=0)
@@ -276,6 +302,7 @@ class Settings(BaseSettings):
     default_kb: str = "default"
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    answer: AnswerSettings = Field(default_factory=AnswerSettings)
     chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)

@@ -85,6 +85,8 @@ class Sequence:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram: int = 0,
     ):
         if not prompt_ids:
             raise ValueError("empty prompt")
@@ -93,6 +95,9 @@ class Sequence:
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed if seed is not None else secrets.randbits(63)
+        self.repetition_penalty = repetition_penalty
+        self.no_repeat_ngram = no_repeat_ngram
+        self.output_ids: list[int] = []  # tokens sampled so far (the guards look at these only)
         self.on_event = on_event
         self.cancelled = False  # written by the consumer (any thread), read between steps
         # Scheduler state.
@@ -184,6 +189,28 @@ def _groups(seqs: list["Sequence"]) -> list[list["Sequence"]]:
             groups.append([s])
             total = n
     return groups
+
+
+def guard_logits(logits: torch.Tensor, generated: list[int], penalty: float, ngram: int) -> None:
+    """Decoding guards on one row's logits, in place, over the tokens generated so far.
+
+    ``penalty``: the CTRL/transformers repetition penalty (a positive logit divided by it, a
+    negative one multiplied) for every token already generated; ``ngram``: tokens that would repeat
+    an n-gram already generated are banned (transformers' ``no_repeat_ngram_size``). Written here
+    rather than taken from transformers' logits processors because those look at the whole input,
+    prompt included, and penalising the prompt stops a RAG answer from copying a figure from its
+    context.
+    """
+    if penalty != 1.0 and generated:
+        index = torch.tensor(sorted(set(generated)), device=logits.device)
+        values = logits.index_select(0, index)
+        logits.index_copy_(0, index, torch.where(values > 0, values / penalty, values * penalty))
+    if ngram > 0 and len(generated) >= ngram:
+        prefix = tuple(generated[len(generated) - ngram + 1 :])
+        banned = {generated[i + ngram - 1] for i in range(len(generated) - ngram + 1)
+                  if tuple(generated[i : i + ngram - 1]) == prefix}
+        if banned:
+            logits[list(banned)] = float("-inf")
 
 
 def _layer_kv(cache: Cache, row: int, length: int) -> list[LayerKV]:
@@ -591,6 +618,10 @@ class BatchScheduler:
     @staticmethod
     def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Greedy for temperature 0; else temperature + nucleus sampling with the row's own generator."""
+        if any(s.output_ids and (s.repetition_penalty != 1.0 or s.no_repeat_ngram > 0) for s in seqs):
+            logits = logits.clone()
+            for i, s in enumerate(seqs):
+                guard_logits(logits[i], s.output_ids, s.repetition_penalty, s.no_repeat_ngram)
         tokens = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(seqs):
             if s.temperature <= 0:
@@ -608,6 +639,8 @@ class BatchScheduler:
         """Record a sampled token and tell the consumer; True when the sequence is finished."""
         s.generated += 1
         s.last_token = token
+        if s.repetition_penalty != 1.0 or s.no_repeat_ngram > 0:
+            s.output_ids.append(token)
         finish = None
         if token in self.eos:
             finish = "stop"

@@ -42,6 +42,9 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     request_id: str | None = None
+    # Decoding guards over the generated tokens (the prompt is not penalised): 1.0 / 0 mean off.
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
 
 
 @dataclass

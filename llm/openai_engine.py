@@ -263,6 +263,8 @@ class OpenAIEngine:
             params["seed"] = request.seed
         if request.stop:
             params["stop"] = list(request.stop)
+        if request.repetition_penalty != 1.0:  # vLLM's sampling extension (ignored by servers without it)
+            params["extra_body"] = {"repetition_penalty": request.repetition_penalty}
         if stream and self._include_usage:
             params["stream_options"] = {"include_usage": True}
         if request.request_id:

@@ -221,7 +221,8 @@ class TransformersEngine:
 
         seq = Sequence(
             prompt, max_new_tokens=max_new, on_event=on_event, temperature=request.temperature,
-            top_p=request.top_p, seed=request.seed,
+            top_p=request.top_p, seed=request.seed, repetition_penalty=request.repetition_penalty,
+            no_repeat_ngram=request.no_repeat_ngram,
         )
         text = TextStream(self.loaded.tokenizer, request.stop)
         tokens = 0

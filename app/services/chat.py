@@ -1,24 +1,52 @@
-"""Retrieval-augmented chat: permitted context -> fenced prompt -> engine stream -> sources and storage."""
+"""Retrieval-augmented chat: permitted context -> evidence -> prompt -> checked answer -> sources and storage.
+
+The answer a user sees is made in one of three ways (``answer_mode``), chosen by the policy
+(``answer.policy``) and by what the retrieved context holds:
+
+- ``generated``: the model's answer. Under the ``verify`` policy it streams sentence by sentence,
+  each one sent only once the support check (``llm/grounding.py``) has found its figures, names
+  and most of its words in the blocks it cites; a sentence without a citation gets the block that
+  supports it. The first unsupported sentence ends the generation there.
+- ``extractive``: no supported sentence came (or the policy is ``extractive``): the best-supported
+  sentences of the retrieved passages, quoted with their [n].
+- ``abstained``: no permitted passage bears on the question (or none was found): the answer says
+  so and nothing is generated.
+
+Every source carries ``quote``: the sentence(s) of its chunk that support the answer (or, for a
+source the answer does not cite, the chunk's sentence that best matches the question), with
+character offsets into the chunk, so that the chat page can highlight them.
+"""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
 from app import metrics
 from app.conversations import ConversationStore, new_id
-from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest
-from llm.prompt import ContextBlock, PromptBuilder
+from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, PromptTooLong
+from llm.evidence import Evidence, PromptProfile, compress, score_sentences
+from llm.grounding import (
+    CITATION, NO_ANSWER, NO_CONTEXT, AnswerCheck, Quote, check_answer, check_sentence, extractive_answer, find_loop,
+    supporting_quotes,
+)
+from llm.prompt import ONE_SHOT_EXAMPLE, ContextBlock, PromptBuilder, detect_language, estimate_text_tokens
+from llm.evidence import split_sentences
 from retrieval.retriever import Retriever
 from security.pii import PiiRedactor
 from security.principal import Principal
 
-_CITATION = re.compile(r"\[(\d{1,2})\]")
+_CITATION = CITATION
+Embed = Callable[[list[str]], np.ndarray]
+# Under the generate policy, text is held back this many characters so that a loop the guard cuts
+# off has not reached the client yet (a unit of up to 80 characters said three times).
+_LOOP_HOLDBACK = 160
 
 
 @dataclass
@@ -37,68 +65,248 @@ class ChatInput:
 
 
 @dataclass
+class AnswerOptions:
+    """The ``answer`` settings, resolved against the model's prompt profile."""
+
+    policy: str = "verify"  # generate | verify | extractive
+    profile: PromptProfile = field(default_factory=PromptProfile)
+    loop_guard: bool = True
+    min_relevance: float = 0.3
+    min_relevance_zh: float = 0.3
+    min_overlap: float = 0.5
+    dense_weight: float = 0.5  # English questions (the bundled embedder)
+    dense_weight_zh: float = 0.1  # mostly-Chinese questions: the bundled MiniLM knows no Chinese
+
+
+@dataclass
 class PreparedChat:
     completion_id: str
     created: int
-    request: GenerationRequest
+    request: GenerationRequest | None  # None: nothing to generate (extractive answer or abstention)
     sources: list[dict]
     question: str
     started: float = 0.0  # perf_counter when the request reached the service (time to first token)
+    plan: str = "generate"  # generate | verify | extract | abstain | plain (rag off)
+    language: str | None = None
+    contexts: list[str] = field(default_factory=list)  # full chunk text of source n at [n - 1]
+    evidence: Evidence | None = None
+    relevance: float = 0.0
+    prompt_tokens: int = 0
+
+
+@dataclass
+class AnswerOutcome:
+    mode: str  # generated | extractive | abstained
+    grounded: bool
+    sources: list[dict]  # public sources, with quote
+    looped: bool = False
+    unsupported: int = 0  # sentences generated but withheld or flagged as unsupported
+    check: AnswerCheck | None = None
+
+
+@dataclass
+class AnswerChunk:
+    """A piece of the answer; the last one has ``finish_reason`` and ``outcome`` set."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    adapter: str | None = None
+    outcome: AnswerOutcome | None = None
 
 
 class ChatService:
     def __init__(self, retriever: Retriever, engine: Engine, conversations: ConversationStore, snippet_chars: int = 300,
-                 answer_redactor: PiiRedactor | None = None):
+                 answer_redactor: PiiRedactor | None = None, options: AnswerOptions | None = None,
+                 embed: Embed | None = None):
         self.retriever = retriever
         self.engine = engine
         self.conversations = conversations
         self.snippet_chars = snippet_chars
         self.answer_redactor = answer_redactor  # generation.redact_answers
+        self.options = options or AnswerOptions()
+        self.embed = embed  # scores evidence sentences (None: lexical scores only)
 
-    async def prepare(self, chat: ChatInput, reader: Principal) -> PreparedChat:
-        """Retrieve what the reader may see and build the prompt (raises PromptTooLong when it can't fit)."""
+    # --- preparation ------------------------------------------------------------------------------
+
+    async def prepare(self, chat: ChatInput, reader: Principal, policy: str | None = None) -> PreparedChat:
+        """Retrieve what the reader may see, weigh its sentences, and build the prompt when one is
+        needed (raises PromptTooLong when it can't fit). ``policy`` overrides ``answer.policy``."""
         started = time.perf_counter()
         question = chat.messages[-1].content
         history = chat.messages[:-1]
-        blocks: list[ContextBlock] = []
-        if chat.rag:
-            hits = await run_in_threadpool(self.retriever.search, question, chat.knowledge_base, reader, chat.top_k)
-            blocks = [ContextBlock(h.chunk_id, h.source, h.title, h.page, h.text) for h in hits]
-            builder = PromptBuilder(self.engine.count_prompt_tokens, self.engine.context_window,
-                                    min(chat.max_tokens, self.engine.context_window // 2))
-            built = builder.build(question, blocks, history)
-            messages, used = built.messages, built.used_contexts
-        else:
-            messages, used = chat.messages, []
-            if self.engine.count_prompt_tokens(messages) + 1 > self.engine.context_window:
-                from llm.engine import PromptTooLong
-
+        language = detect_language(question)
+        options = self.options
+        policy = policy or options.policy
+        if not chat.rag:
+            if self.engine.count_prompt_tokens(chat.messages) + 1 > self.engine.context_window:
                 raise PromptTooLong(f"the conversation does not fit the model's {self.engine.context_window}-token window")
-        sources = [
-            {"index": i, "chunk_id": b.chunk_id, "source": b.source, "title": b.title, "page": b.page,
-             "snippet": b.text[: self.snippet_chars], "text": b.text}
-            for i, b in enumerate(used, start=1)
-        ]
-        request = GenerationRequest(messages=messages, max_new_tokens=chat.max_tokens, temperature=chat.temperature,
-                                    top_p=chat.top_p, seed=chat.seed, stop=chat.stop)
-        return PreparedChat(new_id("chatcmpl"), int(time.time()), request, sources, question, started)
+            request = self._request(chat, chat.messages)
+            return PreparedChat(new_id("chatcmpl"), int(time.time()), request, [], question, started, "plain", language)
 
-    def stream(self, prepared: PreparedChat) -> AsyncIterator[GenerationChunk]:
-        """The engine's stream, measured: time to first token, time per later token, tokens, outcome.
+        hits = await run_in_threadpool(self.retriever.search, question, chat.knowledge_base, reader, chat.top_k)
+        contexts = [h.text for h in hits]
+        sources = [
+            {"index": i, "chunk_id": h.chunk_id, "source": h.source, "title": h.title, "page": h.page,
+             "snippet": h.text[: self.snippet_chars], "text": h.text}
+            for i, h in enumerate(hits, start=1)
+        ]
+        prepared = PreparedChat(new_id("chatcmpl"), int(time.time()), None, sources, question, started,
+                                "abstain", language, contexts)
+        if not hits:
+            return prepared
+        zh = language == "zh"
+        dense_weight = options.dense_weight_zh if zh else options.dense_weight
+        evidence = await run_in_threadpool(score_sentences, question, contexts, [h.title for h in hits],
+                                           self.embed, dense_weight)
+        prepared.evidence = evidence
+        prepared.relevance = evidence.relevance
+        if evidence.relevance < (options.min_relevance_zh if zh else options.min_relevance):
+            return prepared  # nothing here bears on the question: say so, generate nothing
+        if policy == "extractive":
+            prepared.plan = "extract"
+            return prepared
+
+        profile = options.profile
+        blocks = [ContextBlock(hits[c.block].chunk_id, hits[c.block].source, hits[c.block].title, hits[c.block].page,
+                               c.text, number=c.block + 1) for c in compress(contexts, evidence, profile)]
+        system = None
+        if profile.one_shot:
+            from llm.prompt import DEFAULT_SYSTEM_PROMPT
+
+            system = DEFAULT_SYSTEM_PROMPT + ONE_SHOT_EXAMPLE
+        builder = PromptBuilder(self.engine.count_prompt_tokens, self.engine.context_window,
+                                min(chat.max_tokens, self.engine.context_window // 2), system_prompt=system)
+        built = builder.build(question, blocks, history)
+        prepared.request = self._request(chat, built.messages)
+        prepared.prompt_tokens = built.prompt_tokens
+        prepared.plan = "verify" if policy == "verify" else "generate"
+        return prepared
+
+    def _request(self, chat: ChatInput, messages: list[ChatMessage]) -> GenerationRequest:
+        profile = self.options.profile
+        return GenerationRequest(messages=messages, max_new_tokens=chat.max_tokens, temperature=chat.temperature,
+                                 top_p=chat.top_p, seed=chat.seed, stop=chat.stop,
+                                 repetition_penalty=profile.repetition_penalty, no_repeat_ngram=profile.no_repeat_ngram)
+
+    # --- answering --------------------------------------------------------------------------------
+
+    def answer(self, prepared: PreparedChat) -> AsyncIterator[AnswerChunk]:
+        """The answer as a stream of :class:`AnswerChunk` (the last one carries the outcome).
 
         The engine is asked now, not at the first iteration: a full queue (``EngineBusy``) is raised
         here, before a streaming response has started, so the client gets a clean 503 instead of a
         200 whose stream breaks off.
         """
+        if prepared.request is None:
+            return self._without_model(prepared)
         prepared.request.request_id = prepared.completion_id
         try:
             chunks = self.engine.stream(prepared.request)
         except EngineBusy:
             metrics.GENERATION_REQUESTS.labels(self.engine.name, "rejected").inc()
             raise
-        return self._measured(prepared, chunks)
+        return self._generated(prepared, self._measured(prepared, chunks))
+
+    async def _without_model(self, prepared: PreparedChat) -> AsyncIterator[AnswerChunk]:
+        text, outcome = self._fallback(prepared)
+        yield AnswerChunk(text, "stop", 0, 0, None, outcome)
+
+    def _fallback(self, prepared: PreparedChat, unsupported: int = 0, looped: bool = False) -> tuple[str, AnswerOutcome]:
+        """The extractive answer, or "I don't know" when nothing relevant was found."""
+        lang = "zh" if prepared.language == "zh" else "en"
+        if prepared.plan == "abstain" or prepared.evidence is None:
+            text = NO_CONTEXT[lang] if not prepared.sources else NO_ANSWER[lang]
+            outcome = AnswerOutcome("abstained", True, self._public_sources(prepared, []), looped, unsupported)
+        else:
+            text, quotes = extractive_answer(prepared.evidence, prepared.language)
+            outcome = AnswerOutcome("extractive" if quotes else "abstained", True,
+                                    self._public_sources(prepared, quotes), looped, unsupported)
+        if self.answer_redactor is not None:
+            text = self.answer_redactor.redact(text)
+        self._count(outcome)
+        return text, outcome
+
+    async def _generated(self, prepared: PreparedChat, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[AnswerChunk]:
+        verify = prepared.plan == "verify"
+        rag = prepared.plan != "plain"
+        raw = ""  # everything generated (after the loop guard's cut)
+        sent = ""  # what the client has received
+        consumed = 0  # characters of raw already judged (verify) or sent (generate)
+        last: GenerationChunk | None = None
+        looped = failed = False
+        unsupported = 0
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                last = chunk
+                raw += chunk.text
+                if self.options.loop_guard:
+                    cut = find_loop(raw)
+                    if cut is not None:
+                        raw, looped = raw[:cut], True
+                        metrics.GENERATION_LOOPS.labels(self.engine.name).inc()
+                done = chunk.finish_reason is not None or looped
+                if verify:
+                    piece, consumed, failed = self._verified(prepared, raw, consumed, done and chunk.finish_reason != "length")
+                    unsupported += failed
+                else:
+                    end = len(raw) if done else max(consumed, len(raw) - (_LOOP_HOLDBACK if self.options.loop_guard else 0))
+                    piece, consumed = raw[consumed:end], end
+                if piece:
+                    sent += piece
+                    yield AnswerChunk(piece)
+                if done or failed:
+                    break  # leaving the loop closes the engine's stream: the request leaves the batch
+        finished = last is not None and last.finish_reason is not None
+        prompt_tokens = last.prompt_tokens if finished else prepared.prompt_tokens
+        completion_tokens = last.completion_tokens if finished else estimate_text_tokens(raw)
+        adapter = last.adapter if last is not None else None
+        if verify and not sent.strip():
+            text, outcome = self._fallback(prepared, unsupported, looped)
+            yield AnswerChunk(text, "stop", prompt_tokens, completion_tokens, adapter, outcome)
+            return
+        if rag:
+            check = check_answer(sent, prepared.contexts, self.options.min_overlap)
+            quotes = supporting_quotes(check, prepared.contexts)
+            grounded = check.grounded
+            unsupported += 0 if verify else len(check.unsupported)
+        else:
+            check, quotes, grounded = None, [], False
+        outcome = AnswerOutcome("generated", grounded, self._public_sources(prepared, quotes), looped, unsupported, check)
+        self._count(outcome)
+        reason = "stop" if (looped or failed or not finished or last.finish_reason == "cancelled") else last.finish_reason
+        yield AnswerChunk("", reason, prompt_tokens, completion_tokens, adapter, outcome)
+
+    def _verified(self, prepared: PreparedChat, raw: str, consumed: int, complete: bool) -> tuple[str, int, bool]:
+        """Judge the sentences of ``raw`` past ``consumed`` that are finished (all of them when the
+        answer is ``complete``). Returns (text to send, new consumed, whether one was unsupported)."""
+        spans = split_sentences(raw)
+        if not complete:
+            spans = spans[:-1]  # the last sentence may still grow
+        out = []
+        for span in spans:
+            if span.end <= consumed:
+                continue
+            tail = _CITATION_RUN.match(raw, span.end)
+            end = tail.end() if tail else span.end
+            if not complete and end == len(raw):
+                break  # a citation may still follow
+            sentence = raw[span.start:end]
+            if _CITATION_RUN.fullmatch(" " + sentence):
+                consumed = end
+                continue
+            check = check_sentence(sentence, prepared.contexts, (), self.options.min_overlap)
+            if check.abstention or not check.supported:
+                return "".join(out), consumed, True
+            if not check.cited:
+                sentence = _add_citation(sentence, _best_block(sentence, prepared.contexts))
+            out.append((raw[consumed:span.start] if consumed else "") + sentence)
+            consumed = end
+        return "".join(out), consumed, False
 
     async def _measured(self, prepared: PreparedChat, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+        """The engine's stream, measured: time to first token, time per later token, tokens, outcome."""
         model = self.engine.name
         first = last = None
         outcome = "cancelled"  # unless the stream ends or fails below: the consumer closed it early
@@ -132,11 +340,59 @@ class ChatService:
             metrics.ENGINE.finished()
             metrics.GENERATION_REQUESTS.labels(model, outcome).inc()
 
+    # --- sources and records ----------------------------------------------------------------------
+
+    def _public_sources(self, prepared: PreparedChat, quotes: list[Quote]) -> list[dict]:
+        """Sources as clients see them (no full text), each with its ``quote``."""
+        by_block: dict[int, list] = {}
+        for q in quotes:
+            by_block.setdefault(q.block, []).append(q.span)
+        best: dict[int, list] = {}
+        if prepared.evidence is not None:
+            for block, sentences in prepared.evidence.by_block.items():
+                best[block + 1] = [sentences[0].span]
+        out = []
+        for s in prepared.sources:
+            spans = sorted(by_block.get(s["index"]) or best.get(s["index"]) or [], key=lambda sp: sp.start)
+            quote = None
+            if spans:
+                quote = {"text": " … ".join(sp.text for sp in spans),
+                         "spans": [{"start": sp.start, "end": sp.end} for sp in spans],
+                         "supports_answer": s["index"] in by_block}
+            out.append({**{k: v for k, v in s.items() if k != "text"}, "quote": quote})
+        return out
+
+    @staticmethod
+    def _count(outcome: AnswerOutcome) -> None:
+        metrics.ANSWERS.labels(outcome.mode, "true" if outcome.grounded else "false").inc()
+
     def record(self, chat: ChatInput, who: Principal, prepared: PreparedChat, answer: str,
-               prompt_tokens: int, completion_tokens: int) -> str:
+               prompt_tokens: int, completion_tokens: int, outcome: AnswerOutcome | None = None) -> str:
         cited = {int(n) for n in _CITATION.findall(answer)}
-        sources = [{**{k: v for k, v in s.items() if k != "text"}, "cited": s["index"] in cited} for s in prepared.sources]
+        public = outcome.sources if outcome is not None else [
+            {k: v for k, v in s.items() if k != "text"} for s in prepared.sources]
+        sources = [{**s, "cited": s["index"] in cited} for s in public]
         return self.conversations.record_exchange(
             chat.conversation_id, who.subject, chat.user, chat.knowledge_base if chat.rag else None, prepared.question,
             answer, prepared.completion_id, sources, prompt_tokens, completion_tokens,
         )
+
+
+_CITATION_RUN = re.compile(r"\s*(?:\[\d{1,2}\])+")
+
+
+def _best_block(sentence: str, contexts: list[str]) -> int:
+    """The context block (1-based) that holds most of the sentence's terms."""
+    from llm.evidence import terms
+
+    said = terms(sentence)
+    scores = [len(said & terms(c)) for c in contexts]
+    return 1 + max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 1
+
+
+def _add_citation(sentence: str, number: int) -> str:
+    """Insert ``[n]`` before the sentence's closing punctuation."""
+    m = re.search(r"[.。!?！？]+$", sentence)
+    if m:
+        return sentence[: m.start()] + f" [{number}]" + sentence[m.start():]
+    return sentence + f" [{number}]"

@@ -262,6 +262,7 @@ async function ask(question) {
       if (event.error) throw new ApiError(502, event.error.message || "generation failed", event.error.code);
       if (event.id) answer.completionId = event.id;
       if (Array.isArray(event.sources)) answer.setSources(event.sources);
+      if (event.answer_mode) answer.setMode(event.answer_mode, event.grounded === true);
       const choice = event.choices && event.choices[0];
       if (choice && choice.delta && typeof choice.delta.content === "string") answer.appendText(choice.delta.content);
       if (choice && choice.finish_reason) finishReason = choice.finish_reason;
@@ -411,6 +412,20 @@ class AnswerView {
     this.statusEl.textContent = text;
   }
 
+  /** How the answer was made (the server's answer_mode and grounded), shown beside the status. */
+  setMode(mode, grounded) {
+    const labels = {
+      generated: grounded ? "Checked against the sources" : "Not verified against the sources",
+      extractive: "Quoted from the sources",
+      abstained: "No answer in the documents",
+    };
+    this.root.dataset.mode = mode;
+    this.root.dataset.grounded = String(grounded);
+    const badge = h("span", { class: `badge mode-${mode}${grounded ? "" : " ungrounded"}`, dataset: { role: "answer-mode" } },
+      labels[mode] || mode);
+    this.statusEl.after(badge);
+  }
+
   setSources(sources) {
     const follow = nearBottom();
     this.sources = sources;
@@ -526,13 +541,41 @@ function showPassage(source, trigger) {
   el.panelPageLabel.hidden = !hasPage;
   // The API cuts cited passages to a snippet (300 characters by default): say so when it probably did.
   const passage = source.snippet || source.text || "";
-  el.panelSnippet.textContent = !source.full && passage.length >= SNIPPET_CHARS ? `${passage} …` : passage;
+  const cut = !source.full && passage.length >= SNIPPET_CHARS;
+  replaceChildren(el.panelSnippet, highlighted(passage, cut, source.quote));
   el.panel.hidden = false;
   document.body.classList.add("has-panel");
   for (const active of document.querySelectorAll(".source-link.active, .cite.active")) active.classList.remove("active");
   if (trigger) trigger.classList.add("active");
   state.lastTrigger = trigger || null;
   el.panelClose.focus();
+}
+
+/**
+ * The passage with the sentences that support the answer marked. The quote's offsets index the
+ * whole chunk; the API sends the first SNIPPET_CHARS of it, so a quoted sentence past the snippet is
+ * shown, marked, after it.
+ */
+function highlighted(passage, cut, quote) {
+  const spans = quote && Array.isArray(quote.spans) ? quote.spans : [];
+  const nodes = [];
+  let last = 0;
+  const outside = [];
+  for (const span of spans) {
+    if (span.end <= passage.length && span.start >= last) {
+      nodes.push(passage.slice(last, span.start), h("mark", { class: "quote" }, passage.slice(span.start, span.end)));
+      last = span.end;
+    } else {
+      outside.push(span);
+    }
+  }
+  nodes.push(passage.slice(last) + (cut ? " …" : ""));
+  if (outside.length && quote.text) {
+    const inside = spans.filter((s) => !outside.includes(s)).length;
+    const text = inside ? quote.text.split(" … ").slice(inside).join(" … ") : quote.text;
+    nodes.push(h("span", { class: "quote-later" }, " ", h("mark", { class: "quote" }, text)));
+  }
+  return nodes;
 }
 
 function closePassage() {

@@ -101,23 +101,30 @@ async def chat_completions(
     model = body.model or c.settings.generation.model
     public_sources = [{k: v for k, v in s.items() if k != "text"} for s in prepared.sources]
 
+    def audited(last) -> None:
+        outcome = last.outcome
+        act.update(answer="".join(parts), prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                   detail=f"completion {prepared.completion_id}; answer {outcome.mode}"
+                          f"{' grounded' if outcome.grounded else ' ungrounded'}")
+
     if not body.stream:
         async with act:  # the answer leaves only once its record is written
             parts, last = [], None
-            async with aclosing(service.stream(prepared)) as stream:
+            async with aclosing(service.answer(prepared)) as stream:
                 async for chunk in stream:
                     parts.append(chunk.text)
                     last = chunk
             answer = "".join(parts)
-            act.update(answer=answer, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens)
+            audited(last)
             conversation = await run_in_threadpool(
-                service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens)
+                service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens, last.outcome)
         return {
             "id": prepared.completion_id, "object": "chat.completion", "created": prepared.created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "finish_reason": last.finish_reason if last.finish_reason != "cancelled" else "stop"}],
+                         "finish_reason": last.finish_reason}],
             "usage": _usage(last.prompt_tokens, last.completion_tokens),
-            "sources": public_sources, "conversation_id": conversation, "adapter": last.adapter,
+            "sources": last.outcome.sources, "answer_mode": last.outcome.mode, "grounded": last.outcome.grounded,
+            "conversation_id": conversation, "adapter": last.adapter,
         }
 
     def event(delta: dict, finish: str | None = None, **extra) -> str:
@@ -127,13 +134,16 @@ async def chat_completions(
 
     # Streamed: the "started" record (question, retrieved chunk ids) is written before the first
     # byte, so a failing audit log fails the request with a plain 503; the outcome record (answer
-    # sha256, tokens) follows when the stream ends, and if it cannot be written the stream ends with
-    # an audit_unavailable error event instead of [DONE].
-    chunks = service.stream(prepared)  # a busy engine answers 503 here, before the stream starts
+    # sha256, tokens, answer mode) follows when the stream ends, and if it cannot be written the
+    # stream ends with an audit_unavailable error event instead of [DONE]. The first event carries
+    # the sources as retrieved; the last one carries them again with their quotes, and the answer
+    # mode and grounding.
+    chunks = service.answer(prepared)  # a busy engine answers 503 here, before the stream starts
     await act.start()
+    parts: list[str] = []
 
     async def events():
-        parts, last = [], None
+        last = None
         try:
             yield event({"role": "assistant", "content": ""}, sources=public_sources)
             try:
@@ -154,13 +164,13 @@ async def chat_completions(
                 yield f"data: {json.dumps(error_body(502, f'generation failed: {exc}', 'engine_error'))}\n\n"
                 return
             answer = "".join(parts)
-            act.update(answer=answer, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens)
+            audited(last)
             conversation = await run_in_threadpool(
-                service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens)
+                service.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens, last.outcome)
             await act.finish()
-            yield event({}, last.finish_reason if last.finish_reason != "cancelled" else "stop",
-                        usage=_usage(last.prompt_tokens, last.completion_tokens), conversation_id=conversation,
-                        adapter=last.adapter)
+            yield event({}, last.finish_reason, usage=_usage(last.prompt_tokens, last.completion_tokens),
+                        sources=last.outcome.sources, answer_mode=last.outcome.mode, grounded=last.outcome.grounded,
+                        conversation_id=conversation, adapter=last.adapter)
             yield "data: [DONE]\n\n"
         except AuditUnavailable:
             yield f"data: {json.dumps(error_body(503, AUDIT_UNAVAILABLE, 'audit_unavailable'))}\n\n"
