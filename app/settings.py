@@ -93,8 +93,11 @@ class AnswerSettings(BaseModel):
     # Below this evidence score no sentence of the permitted context bears on the question: the
     # answer says so instead of guessing (English / mostly-Chinese questions).
     min_relevance: float = Field(0.30, ge=0, le=1)
-    min_relevance_zh: float = Field(0.30, ge=0, le=1)
+    min_relevance_zh: float = Field(0.12, ge=0, le=1)
     min_overlap: float = Field(0.5, ge=0, le=1, description="share of a sentence's terms its cited blocks must hold")
+    # A product, function or setting named in the question that no permitted passage mentions: the
+    # documents are about something else, so the answer is "I don't know" (llm/evidence.py question_names).
+    unknown_names: bool = True
 
 
 class ChunkingSettings(BaseModel):

@@ -150,6 +150,85 @@ def terms(text: str) -> set[str]:
     return found
 
 
+# --- what kind of answer the question wants, and the names it mentions ------------------------------
+
+# A question that asks for a figure or for a name is answered by a sentence holding one: such
+# sentences get ``type_bonus`` (classic answer-type matching of extractive QA systems).
+_WANTS_NUMBER = re.compile(
+    r"\b(?:how\s+(?:many|much|long|large|big|old|often|fast|far)|what\s+(?:year|percentage|number)|which\s+(?:port|year)"
+    r"|(?:default|maximum|minimum|largest|smallest|max|min)\b|limit|timeout|port\b|size\b|value\b)"
+    r"|多少|几[个天年次位种]|多大|多长|多久|上限|下限|最大|最小|最多|最少|默认值|区间|范围|数值|代码",
+    re.IGNORECASE,
+)
+_WANTS_NAME = re.compile(
+    r"\b(?:which|what)\s+(?:\w+\s+){0,3}?(?:function|method|class|module|exception|error|constant|flag|option|"
+    r"argument|parameter|attribute|variable|decorator|command|file|package|keyword|name|setting|extension|"
+    r"protocol|mode|format|type|tool|menu|key|shortcut|library|field|object)s?\b|\bname\s+of\b"
+    r"|函数|快捷键|组合键|菜单|选项|命令|扩展名|名称|名字|哪个|哪一|什么键|工具",
+    re.IGNORECASE,
+)
+_NUMBER = re.compile(r"(?<![A-Za-z_])\d")
+_NAME_TOKEN = re.compile(
+    r"`[^`]+`|\b[A-Za-z_]+\w*\.[A-Za-z_]\w*|\b[a-z]+_[a-z0-9_]+\b|\b[A-Z][a-z0-9]+[A-Z]\w*\b|\b[A-Z][A-Z0-9_]{2,}\b"
+    r"|(?<![\w-])--?[A-Za-z][\w-]+|\b\w+\(\)|(?:Ctrl|Shift|Alt|Cmd)\s*\+|\S+\s+-\s+\S+|[「『][^」』]+[」』]"
+)
+
+
+def answer_type(question: str) -> str | None:
+    """"number", "name" or None: what the question asks for, by its wording."""
+    if _WANTS_NAME.search(question):
+        return "name"
+    if _WANTS_NUMBER.search(question):
+        return "number"
+    return None
+
+
+def has_type(text: str, wanted: str | None) -> bool:
+    if wanted == "number":
+        return bool(_NUMBER.search(text))
+    if wanted == "name":
+        return bool(_NAME_TOKEN.search(text))
+    return False
+
+
+_LATIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.+:/-]*[A-Za-z0-9]")
+
+
+def question_names(question: str) -> list[str]:
+    """Names the question mentions (products, functions, settings): CamelCase or ALL-CAPS words,
+    dotted or snake_case identifiers, capitalised words past the first, and any Latin word in a
+    mostly-Chinese question. A name that no retrieved passage contains means the documents are
+    about something else: the service then says it does not know."""
+    names = []
+    chinese = len(_HAN.findall(question)) > 0
+    words = list(_LATIN_NAME.finditer(question))
+    for i, m in enumerate(words):
+        word = m.group(0).rstrip(".:/-")
+        if len(word) < 2 or word.lower() in STOPWORDS:
+            continue
+        inner_upper = any(c.isupper() for c in word[1:])
+        identifier = any(c in word for c in "._") or (any(c.isdigit() for c in word) and any(c.isalpha() for c in word))
+        capitalised = word[0].isupper() and m.start() > 0 and question[: m.start()].rstrip()[-1:] not in ".?!"
+        if chinese or inner_upper or identifier or capitalised:
+            names.append(word)
+    return names
+
+
+def missing_names(question: str, texts: Sequence[str]) -> list[str]:
+    """The question's names (:func:`question_names`) that occur in none of ``texts`` (any case)."""
+    haystack = " ".join(texts).lower()
+    missing = []
+    for name in question_names(question):
+        low = name.lower()
+        if low in haystack:
+            continue
+        last = low.rsplit(".", 1)[-1]  # subprocess.run is documented as run(...) on its own page
+        if "." in low and len(last) >= 3 and re.search(rf"(?<![\w]){re.escape(last)}\(", haystack):
+            continue
+        missing.append(name)
+    return missing
+
+
 # --- profiles and results -------------------------------------------------------------------------
 
 
@@ -204,6 +283,7 @@ class Evidence:
     question_terms: set[str]
     by_block: dict[int, list[ScoredSentence]] = field(default_factory=dict)
     dense_weight: float = 0.0
+    question: str = ""
 
     @property
     def relevance(self) -> float:
@@ -231,15 +311,21 @@ def score_sentences(
     embed: Embed | None = None,
     dense_weight: float = 0.5,
     rank_weight: float = 0.1,
+    type_bonus: float = 0.15,
 ) -> Evidence:
     """Score every sentence of every retrieved chunk ``texts`` (rank order) against ``question``."""
     question_terms = terms(question)
     candidates: list[tuple[int, Span, set[str]]] = []
+    typed: list[bool] = []
+    wanted = answer_type(question)
     for block, text in enumerate(texts):
-        for span in split_sentences(text):
-            candidates.append((block, span, terms(span.text)))
+        spans = split_sentences(text)
+        for i, span in enumerate(spans):
+            label = label_before(text, spans, i)
+            candidates.append((block, span, terms(span.text) | (terms(label.text) if label else set())))
+            typed.append(has_type(span.text + (" " + label.text if label else ""), wanted))
     if not candidates:
-        return Evidence([], question_terms, {}, dense_weight if embed is not None else 0.0)
+        return Evidence([], question_terms, {}, dense_weight if embed is not None else 0.0, question)
 
     # Rarity among the candidates: idf = log(1 + N / df), so a term present everywhere weighs little.
     n = len(candidates)
@@ -264,13 +350,27 @@ def score_sentences(
     for i, (block, span, ts) in enumerate(candidates):
         lexical = sum(weight[t] for t in question_terms & ts) / total if question_terms else 0.0
         value = (1 - dense_weight) * lexical + dense_weight * float(dense[i])
-        value += rank_weight * (1 - block / blocks) + 0.1 * title_bonus[block]
+        value += rank_weight * (1 - block / blocks) + 0.1 * title_bonus[block] + (type_bonus if typed[i] else 0.0)
         scored.append(ScoredSentence(block, span, value, lexical, float(dense[i])))
     scored.sort(key=lambda s: (-s.score, s.block, s.span.start))
     by_block: dict[int, list[ScoredSentence]] = {}
     for s in scored:
         by_block.setdefault(s.block, []).append(s)
-    return Evidence(scored, question_terms, by_block, dense_weight if embed is not None else 0.0)
+    return Evidence(scored, question_terms, by_block, dense_weight if embed is not None else 0.0, question)
+
+
+def label_before(text: str, spans: Sequence[Span], i: int) -> Span | None:
+    """The line just before sentence ``i`` when it labels it: a short line of its own without closing
+    punctuation (a signature, a term of a definition list, a heading, an option name). In reference
+    documentation the name a question asks for is often there, and the sentence only describes it."""
+    if i == 0:
+        return None
+    prev = spans[i - 1]
+    if "\n" not in text[prev.end : spans[i].start] or len(prev.text) > 160:
+        return None
+    if prev.text[-1] in ".!?。！？；;,，":
+        return None
+    return prev
 
 
 @dataclass(frozen=True)

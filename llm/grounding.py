@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from llm.evidence import Evidence, Span, split_sentences, terms
+from llm.evidence import Evidence, Span, answer_type, has_type, label_before, split_sentences, terms
 
 CITATION = re.compile(r"\[(\d{1,2})\]")
 _CITATION_RUN = re.compile(r"\s*(?:\[\d{1,2}\])+")
@@ -225,12 +225,13 @@ class Quote:
 
 
 def extractive_answer(evidence: Evidence, language: str | None, max_sentences: int = 2, ratio: float = 0.8,
-                      max_chars: int = 420) -> tuple[str, list[Quote]]:
+                      max_chars: int = 420, texts: Sequence[str] = ()) -> tuple[str, list[Quote]]:
     """The best-supported sentence(s) of the retrieved chunks, quoted with their [n].
 
     The best sentence always; the next ones while their score is at least ``ratio`` of the best and
     the answer stays under ``max_chars``. ``evidence`` indexes blocks from 0 in the same order as
-    the response's sources (numbered from 1).
+    the response's sources (numbered from 1). With the chunk ``texts``, a sentence is quoted with
+    the line that labels it (:func:`llm.evidence.label_before`: the signature or term it describes).
     """
     picked = []
     for s in evidence.sentences:
@@ -241,14 +242,40 @@ def extractive_answer(evidence: Evidence, language: str | None, max_sentences: i
             continue
         if any(p.block == s.block and p.span == s.span for p in picked):
             continue
+        if picked and _similar(s.span.text, picked[0].span.text):
+            continue  # the same sentence from another page says nothing new
         picked.append(s)
     if not picked:
         return NO_ANSWER["zh" if language == "zh" else "en"], []
     zh = language == "zh"
     open_q, close_q = ("“", "”")
-    parts = [f"{open_q}{_clean_quote(s.span.text)}{close_q} [{s.block + 1}]" for s in picked]
+    wanted = answer_type(evidence.question) if evidence.question else None
+    spans = [_with_context(texts[s.block], s.span, wanted) if s.block < len(texts) else s.span for s in picked]
+    parts = [f"{open_q}{_clean_quote(span.text)}{close_q} [{s.block + 1}]" for s, span in zip(picked, spans)]
     intro = EXTRACTIVE_INTRO["zh" if zh else "en"]
-    return (intro + ("" if zh else " ") + ("" if zh else " ").join(parts)), [Quote(s.block + 1, s.span) for s in picked]
+    return (intro + ("" if zh else " ") + ("" if zh else " ").join(parts)), [Quote(s.block + 1, sp) for s, sp in zip(picked, spans)]
+
+
+def _with_context(text: str, span: Span, wanted: str | None) -> Span:
+    """The sentence with the line that labels it, and with the next sentence when the question asks
+    for a figure or a name that the sentence lacks and the next one holds ("The largest year
+    allowed. MAXYEAR is 9999.")."""
+    spans = split_sentences(text)
+    at = next((i for i, sp in enumerate(spans) if sp.start == span.start), None)
+    if at is None:
+        return span
+    label = label_before(text, spans, at)
+    start, end = (label.start if label else span.start), span.end
+    if wanted and not has_type(text[start:end], wanted) and at + 1 < len(spans):
+        following = spans[at + 1]
+        if has_type(following.text, wanted) and following.end - start <= 500:
+            end = following.end
+    return Span(start, end, text[start:end])
+
+
+def _similar(a: str, b: str) -> bool:
+    ta, tb = terms(a), terms(b)
+    return bool(ta and tb) and len(ta & tb) / len(ta | tb) > 0.7
 
 
 def _clean_quote(text: str) -> str:

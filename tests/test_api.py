@@ -4,6 +4,7 @@ ChatOpenAI, plain httpx, and schemathesis over the OpenAPI schema. The bundled m
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -93,11 +94,46 @@ def test_openai_client_chat_streaming_models_embeddings(server):
     stream = oa.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": QUESTION}],
                                         max_tokens=16, temperature=0, stream=True)
     chunks = list(stream)
-    assert chunks[0].model_extra["sources"] == sources  # sources arrive in the first chunk
+    # Sources arrive in the first chunk; the last one repeats them with the quoted evidence.
+    assert chunks[0].model_extra["sources"] == [{k: v for k, v in s.items() if k != "quote"} for s in sources]
+    assert chunks[-1].model_extra["sources"] == sources
+    assert chunks[-1].model_extra["answer_mode"] == reply.model_extra["answer_mode"]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text  # greedy: same answer
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     # Every answer names the LoRA adapter that produced it: none is active, the base model answered.
     assert reply.model_extra["adapter"] is None and chunks[-1].model_extra["adapter"] is None
+
+
+def test_answers_state_the_fact_cite_it_and_quote_the_evidence(server):
+    """The leave policy's figure, cited, with the supporting sentence quoted at its offsets."""
+    ask = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": MAX_NEW_TOKENS}
+    with http(server, "user") as staff:
+        reply = staff.post("/v1/chat/completions", json=ask).json()
+        chunks = {r["chunk_id"]: r["text"] for r in
+                  staff.post("/v1/search", json={"query": QUESTION, "top_k": 10}).json()["results"]}
+    answer = reply["choices"][0]["message"]["content"]
+    assert reply["answer_mode"] in ("generated", "extractive") and reply["grounded"] is True, reply
+    assert "22 days" in answer, answer
+    cited = {int(n) for n in re.findall(r"\[(\d+)\]", answer)}
+    assert cited and all(reply["sources"][n - 1]["source"] == "leave-policy.md" for n in cited), answer
+    for source in reply["sources"]:
+        quote = source["quote"]
+        assert quote is None or (quote["text"] and quote["spans"])
+        for span in (quote or {}).get("spans", []):
+            text = chunks[source["chunk_id"]]
+            assert text[span["start"]:span["end"]] in quote["text"]
+    supporting = [s for s in reply["sources"] if s["quote"] and s["quote"]["supports_answer"]]
+    assert supporting and any("22 days" in s["quote"]["text"] for s in supporting)
+
+
+def test_no_permitted_context_means_i_dont_know_never_a_guess(server):
+    ask = {"messages": [{"role": "user", "content": "What is the orbital period of the moon Europa around Jupiter?"}],
+           "max_tokens": MAX_NEW_TOKENS}
+    with http(server, "user") as staff:
+        reply = staff.post("/v1/chat/completions", json=ask).json()
+    assert reply["answer_mode"] == "abstained", reply
+    assert reply["choices"][0]["message"]["content"].startswith("I don't know")
+    assert reply["usage"]["completion_tokens"] == 0  # nothing was generated
 
 
 def test_langchain_chat_openai_against_enclave(server):

@@ -31,7 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from app import metrics
 from app.conversations import ConversationStore, new_id
 from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, PromptTooLong
-from llm.evidence import Evidence, PromptProfile, compress, score_sentences
+from llm.evidence import Evidence, PromptProfile, compress, missing_names, score_sentences
 from llm.grounding import (
     CITATION, NO_ANSWER, NO_CONTEXT, AnswerCheck, Quote, check_answer, check_sentence, extractive_answer, find_loop,
     supporting_quotes,
@@ -72,8 +72,9 @@ class AnswerOptions:
     profile: PromptProfile = field(default_factory=PromptProfile)
     loop_guard: bool = True
     min_relevance: float = 0.3
-    min_relevance_zh: float = 0.3
+    min_relevance_zh: float = 0.12
     min_overlap: float = 0.5
+    unknown_names: bool = True  # a name in the question that no passage mentions means "I don't know"
     dense_weight: float = 0.5  # English questions (the bundled embedder)
     dense_weight_zh: float = 0.1  # mostly-Chinese questions: the bundled MiniLM knows no Chinese
 
@@ -91,6 +92,7 @@ class PreparedChat:
     contexts: list[str] = field(default_factory=list)  # full chunk text of source n at [n - 1]
     evidence: Evidence | None = None
     relevance: float = 0.0
+    missing: list[str] = field(default_factory=list)  # names in the question that no passage mentions
     prompt_tokens: int = 0
 
 
@@ -162,8 +164,10 @@ class ChatService:
                                            self.embed, dense_weight)
         prepared.evidence = evidence
         prepared.relevance = evidence.relevance
-        if evidence.relevance < (options.min_relevance_zh if zh else options.min_relevance):
-            return prepared  # nothing here bears on the question: say so, generate nothing
+        prepared.missing = missing_names(question, contexts + [f"{h.title or ''} {h.source}" for h in hits])
+        if (evidence.relevance < (options.min_relevance_zh if zh else options.min_relevance)
+                or (options.unknown_names and prepared.missing)):
+            return prepared  # nothing here bears on the question (or on what it names): say so, generate nothing
         if policy == "extractive":
             prepared.plan = "extract"
             return prepared
@@ -220,7 +224,7 @@ class ChatService:
             text = NO_CONTEXT[lang] if not prepared.sources else NO_ANSWER[lang]
             outcome = AnswerOutcome("abstained", True, self._public_sources(prepared, []), looped, unsupported)
         else:
-            text, quotes = extractive_answer(prepared.evidence, prepared.language)
+            text, quotes = extractive_answer(prepared.evidence, prepared.language, texts=prepared.contexts)
             outcome = AnswerOutcome("extractive" if quotes else "abstained", True,
                                     self._public_sources(prepared, quotes), looped, unsupported)
         if self.answer_redactor is not None:
