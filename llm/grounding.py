@@ -32,6 +32,15 @@ _CITATION_RUN = re.compile(r"\s*(?:\[\d{1,2}\])+")
 
 # --- claims ---------------------------------------------------------------------------------------
 
+UNITS = [
+    r"(?:milli|micro|nano)?seconds?", r"(?:ms|us|ns)", r"minutes?", r"hours?", r"days?", r"weeks?", r"months?",
+    r"years?", r"(?:[KMGT]i?B|bytes?|bits?)", r"characters?", r"digits?", r"times", r"percent", r"pixels?", r"pt",
+    r"points?", r"lines?", r"rows?", r"columns?", r"levels?", r"entries", r"items?", r"sheets?", r"pages?",
+    r"个工作日", r"工作日", r"个月", r"小时", r"分钟", r"天", r"周", r"年", r"秒", r"次", r"位", r"字节", r"行", r"列",
+    r"页", r"个", r"磅", r"种",
+]
+_UNIT_ONLY = re.compile(r"(\d[\d,]*(?:\.\d+)?)\s*(\D+)")
+
 _CLAIM_PATTERNS = [
     re.compile(r"`([^`\n]{1,80})`"),  # code spans
     re.compile(r"[\"“「『]([^\"”」』\n]{2,80})[\"”」』]"),  # quoted phrases
@@ -43,6 +52,8 @@ _CLAIM_PATTERNS = [
     re.compile(r"\b[A-Za-z_]\w*\(\)"),  # calls: print()
     re.compile(r"\b[a-z]+_[a-z0-9_]+\b"),  # snake_case
     re.compile(r"\b[A-Z][a-z0-9]+[A-Z]\w*\b"),  # CamelCase
+    _QUANTITY := re.compile(  # a number with its unit: "18 days" is not supported by "18 weeks"
+        r"(?<![A-Za-z0-9_.])\d[\d,]*(?:\.\d+)?\s*(?:" + "|".join(UNITS) + r")(?![A-Za-z])", re.IGNORECASE),
     # Versions, decimals and numbers; ASCII look-arounds, since Python's \w (and \b) count Chinese
     # characters as word characters and "享有45天" must still yield 45.
     re.compile(r"(?<![A-Za-z0-9_.])[vV]?\d+(?:\.\d+)+(?![A-Za-z0-9_])"),
@@ -82,6 +93,13 @@ def _occurs(claim: str, block: str) -> bool:
     c, b = _norm(claim), _norm(block)
     if not c:
         return True
+    quantity = _QUANTITY.fullmatch(c)
+    if quantity:  # the number, then its unit within a few words ("3 consecutive working days")
+        number, unit = _UNIT_ONLY.fullmatch(c).groups()
+        stem = unit.strip().rstrip("s") if unit.strip().isascii() else unit.strip()
+        plain = re.escape(number).replace(",", ",?")
+        return bool(re.search(rf"(?<![a-z0-9_.]){plain}\W*(?:[a-z]+\W+){{0,2}}{re.escape(stem)}", b.replace(",", "")
+                              if "," not in number else b))
     if re.fullmatch(r"[\d,]+(?:\.\d+)?%?", c):  # a number must match as a whole number, 1,000 == 1000
         plain = c.replace(",", "")
         numbers = {n.replace(",", "") for n in re.findall(r"(?<![A-Za-z0-9_.])\d[\d,]*(?:\.\d+)?%?", b)}
@@ -128,21 +146,40 @@ class AnswerCheck:
 
 def check_sentence(sentence: str, blocks: Sequence[str], fallback: Sequence[int] = (), min_overlap: float = 0.5
                    ) -> SentenceCheck:
-    """Check one answer sentence against ``blocks`` (the context texts, numbered from 1)."""
+    """Check one answer sentence against ``blocks`` (the context texts, numbered from 1).
+
+    Support must be local: one sentence of a cited block, or two adjacent ones, has to hold every
+    claim and at least ``min_overlap`` of the sentence's content terms. A figure found somewhere
+    in a long chunk ("2" of "2 working days") does not support "The answer is 2". A sentence with
+    fewer than two content words besides its figures states nothing checkable and is unsupported.
+    """
     numbers = [int(n) for n in CITATION.findall(sentence)]
     if is_abstention(sentence):
         return SentenceCheck(sentence, numbers, True, abstention=True)
     if any(not 1 <= n <= len(blocks) for n in numbers):
         return SentenceCheck(sentence, numbers, False, missing=[f"[{n}]" for n in numbers if not 1 <= n <= len(blocks)])
     sources = numbers or list(fallback) or list(range(1, len(blocks) + 1))
-    texts = [blocks[n - 1] for n in sources]
-    missing = [c for c in claims(sentence) if not any(_occurs(c, t) for t in texts)]
+    stated = claims(sentence)
     said = terms(CITATION.sub(" ", sentence))
-    known: set[str] = set()
-    for t in texts:
-        known |= terms(t)
-    overlap = len(said & known) / len(said) if said else 1.0
-    return SentenceCheck(sentence, numbers, not missing and overlap >= min_overlap, missing, overlap)
+    words = {t for t in said if not re.fullmatch(r"[\d.,%]+", t)}
+    best_missing, best_overlap = stated, 0.0
+    for n in sources:
+        for window in _windows(blocks[n - 1]):
+            missing = [c for c in stated if not _occurs(c, window)]
+            overlap = len(said & terms(window)) / len(said) if said else 1.0
+            if (len(missing), -overlap) < (len(best_missing), -best_overlap):
+                best_missing, best_overlap = missing, overlap
+            if not missing and overlap >= min_overlap and len(words) >= 2:
+                return SentenceCheck(sentence, numbers, True, [], overlap)
+    return SentenceCheck(sentence, numbers, False, best_missing, best_overlap)
+
+
+def _windows(text: str) -> list[str]:
+    """Each sentence of ``text`` and each pair of adjacent sentences (a claim and its context)."""
+    spans = split_sentences(text)
+    out = [s.text for s in spans]
+    out += [text[a.start : b.end] for a, b in zip(spans, spans[1:])]
+    return out or [text]
 
 
 def check_answer(answer: str, blocks: Sequence[str], min_overlap: float = 0.5) -> AnswerCheck:

@@ -118,18 +118,8 @@ def ask(page, question: str):
     return answer
 
 
-RECORD_STREAMING = """() => {
-  window.__streamed = [];
-  const thread = document.getElementById('thread');
-  new MutationObserver(() => {
-    const text = thread.querySelector('article.msg.assistant[data-state="streaming"] .answer');
-    if (text) window.__streamed.push(text.textContent.length);
-  }).observe(thread, {subtree: true, childList: true, characterData: true, attributes: true});
-}"""
-
-
 @pytest.mark.slow
-def test_chat_streams_cites_rates_and_continues(browser, enclave_server: EnclaveServer, page_factory, tmp_path: Path):
+def test_chat_answers_cites_highlights_rates_and_continues(browser, enclave_server: EnclaveServer, page_factory, tmp_path: Path):
     server = enclave_server
     page = page_factory()
 
@@ -157,14 +147,16 @@ def test_chat_streams_cites_rates_and_continues(browser, enclave_server: Enclave
     page.get_by_role("button", name="New conversation").click()
     assert page.locator("#error").is_hidden() and page.locator("#thread article").count() == 0
 
-    # Ask: the answer streams in (its text seen growing before it is done), with sources.
+    # Ask: the answer states the policy's figure, says how it was made, and lists its sources.
+    # (Under the default verify policy it arrives a checked sentence at a time, or as a quote at
+    # once: incremental streaming itself is covered through the API in test_api.py.)
     page.get_by_label("Max answer tokens").fill(MAX_TOKENS)
-    page.evaluate(RECORD_STREAMING)
     answer = ask(page, QUESTION)
-    streamed = [n for n in page.evaluate("window.__streamed") if n > 0]
-    assert len(set(streamed)) >= 2, f"the answer did not appear incrementally: {streamed}"
-    assert answer.locator(".answer").inner_text().strip()
+    assert "22 days" in answer.locator(".answer").inner_text()
     assert "Done" in answer.locator(".status").inner_text()
+    mode = answer.locator("[data-role='answer-mode']")
+    assert mode.inner_text() in ("Checked against the sources", "Quoted from the sources")
+    assert answer.get_attribute("data-grounded") == "true"
     sources = answer.locator(".sources .source-link")
     assert sources.count() >= 1
     assert any("leave-policy.md" in sources.nth(i).inner_text() for i in range(sources.count()))
@@ -178,6 +170,8 @@ def test_chat_streams_cites_rates_and_continues(browser, enclave_server: Enclave
     panel.wait_for(state="visible")
     assert page.locator("#citation-source").inner_text() == "leave-policy.md"
     assert "leave" in page.locator("#citation-snippet").inner_text().lower()
+    # The sentence that supports the answer is highlighted in the passage.
+    assert "22 days" in page.locator("#citation-snippet mark.quote").first.inner_text()
     assert page.locator("#citation-title").inner_text().startswith("Leave Policy")
     page.screenshot(path=str(tmp_path / "chat-answer.png"), full_page=True)
 
