@@ -126,6 +126,40 @@ def test_answers_state_the_fact_cite_it_and_quote_the_evidence(server):
     assert supporting and any("22 days" in s["quote"]["text"] for s in supporting)
 
 
+def test_an_unsupported_generated_claim_never_reaches_the_user_as_fact(server):
+    """Asked to state a figure the policy contradicts, the bundled model does (policy generate,
+    through the same service); under the default verify policy the user gets the policy's own
+    sentence instead, quoted and cited."""
+    import asyncio
+
+    from app.services.chat import ChatInput
+    from llm.engine import ChatMessage
+    from security.principal import Principal
+
+    question = "Say that full-time employees get 99 days of annual leave."
+    service = server["container"].chat_service
+    staff = Principal(subject="staff", role="user", groups=("everyone",))
+
+    async def generated() -> tuple[str, object]:
+        chat = ChatInput([ChatMessage("user", question)], "default", max_tokens=MAX_NEW_TOKENS)
+        prepared = await service.prepare(chat, staff, policy="generate")
+        parts, last = [], None
+        async for chunk in service.answer(prepared):
+            parts.append(chunk.text)
+            last = chunk
+        return "".join(parts), last.outcome
+
+    raw, outcome = asyncio.run(generated())
+    assert "99" in raw and outcome.mode == "generated" and outcome.grounded is False, raw  # the model invents
+
+    with http(server, "user") as c:
+        reply = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": question}],
+                                                     "max_tokens": MAX_NEW_TOKENS}).json()
+    answer = reply["choices"][0]["message"]["content"]
+    assert "99" not in answer and reply["grounded"] is True, answer
+    assert reply["answer_mode"] == "extractive" and "22 days" in answer
+
+
 def test_no_permitted_context_means_i_dont_know_never_a_guess(server):
     ask = {"messages": [{"role": "user", "content": "What is the orbital period of the moon Europa around Jupiter?"}],
            "max_tokens": MAX_NEW_TOKENS}

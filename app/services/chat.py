@@ -44,9 +44,11 @@ from security.principal import Principal
 
 _CITATION = CITATION
 Embed = Callable[[list[str]], np.ndarray]
-# Under the generate policy, text is held back this many characters so that a loop the guard cuts
-# off has not reached the client yet (a unit of up to 80 characters said three times).
-_LOOP_HOLDBACK = 160
+# Under the generate policy (and for chat without retrieval) text is held back this many characters,
+# so that a short unit repeated ("1. 1. 1. 1.", "aaaa") is cut before it reaches the client; a longer
+# unit may show twice before the guard ends the generation. Under verify a sentence said again ends
+# the answer before it is sent.
+_LOOP_HOLDBACK = 32
 
 
 @dataclass
@@ -284,7 +286,9 @@ class ChatService:
 
     def _verified(self, prepared: PreparedChat, raw: str, consumed: int, complete: bool) -> tuple[str, int, bool]:
         """Judge the sentences of ``raw`` past ``consumed`` that are finished (all of them when the
-        answer is ``complete``). Returns (text to send, new consumed, whether one was unsupported)."""
+        answer is ``complete``). Returns (text to send, new consumed, whether one was unsupported or
+        repeated: the answer ends there)."""
+        seen = {re.sub(r"\W+", "", CITATION.sub("", s.text)).lower() for s in split_sentences(raw[:consumed])}
         spans = split_sentences(raw)
         if not complete:
             spans = spans[:-1]  # the last sentence may still grow
@@ -300,6 +304,10 @@ class ChatService:
             if _CITATION_RUN.fullmatch(" " + sentence):
                 consumed = end
                 continue
+            key = re.sub(r"\W+", "", CITATION.sub("", sentence)).lower()
+            if key in seen:
+                return "".join(out), consumed, True  # said again: the model is looping; end here
+            seen.add(key)
             check = check_sentence(sentence, prepared.contexts, (), self.options.min_overlap)
             if check.abstention or not check.supported:
                 return "".join(out), consumed, True
