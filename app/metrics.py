@@ -123,6 +123,7 @@ def init_model(model: str) -> None:
         GENERATION_REQUESTS.labels(model, outcome)
     PROMPT_TOKENS.labels(model)
     GENERATED_TOKENS.labels(model)
+    GENERATION_LOOPS.labels(model)
 
 
 # --- scrape-time collectors -------------------------------------------------------------------------

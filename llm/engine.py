@@ -51,7 +51,10 @@ class GenerationRequest:
 class GenerationChunk:
     """A streamed piece: ``text`` is the new text since the previous chunk.
 
-    The last chunk of a stream has ``finish_reason`` set and carries the final token counts.
+    The last chunk of a stream has ``finish_reason`` set and carries the final token counts. Earlier
+    chunks may carry the counts so far (the in-process engine does; 0 means unknown), so that a
+    consumer that stops reading early (the loop guard, the verify policy) can still account for
+    the tokens spent.
     """
 
     text: str

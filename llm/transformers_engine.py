@@ -251,7 +251,7 @@ class TransformersEngine:
                     yield GenerationChunk("".join(delta), finish, len(prompt), tokens, seq.tag)
                     return
                 if any(delta):
-                    yield GenerationChunk("".join(delta))
+                    yield GenerationChunk("".join(delta), prompt_tokens=len(prompt), completion_tokens=tokens)
         finally:
             # Closed early, cancelled, failed, or stopped by a stop string the scheduler cannot
             # see: the row is dropped at the next step boundary (a no-op if it already finished).

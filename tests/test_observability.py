@@ -23,7 +23,9 @@ from app.settings import Settings
 from tests.conftest import REPO, SAMPLES
 
 METRICS_TOKEN = "scrape-token-" + "x" * 24
-SECRET_QUESTION = "zebracorn-7731 how many days of annual leave"  # must never reach a log line
+# Must never reach a log line. A lower-case marker word: a name-like token ("zebracorn-7731") that no
+# document mentions makes the chat answer "I don't know" without generating (answer.unknown_names).
+SECRET_QUESTION = "zebracorn how many days of annual leave"
 MAX_NEW_TOKENS = 8
 
 
@@ -141,8 +143,11 @@ def test_series_move_with_chat_search_and_upload(traffic):
     prefilled = [delta("enclave_generation_prefill_tokens_total", source=s) for s in ("computed", "cached")]
     assert prefilled[0] > 0 and sum(prefilled) == usage["prompt_tokens"]
     assert delta("enclave_generation_generated_tokens_total", model=model) == usage["completion_tokens"]
-    finish = traffic["chat"]["choices"][0]["finish_reason"]
-    assert delta("enclave_generation_requests_total", model=model, outcome=finish) == 1
+    # The generation ended once, by EOS or the token limit, or stopped by the verify check (the
+    # response's own finish_reason is "stop" when an extractive answer replaced the model's).
+    assert sum(delta("enclave_generation_requests_total", model=model, outcome=o) for o in ("stop", "length")) == 1
+    chat = traffic["chat"]
+    assert delta("enclave_answers_total", mode=chat["answer_mode"], grounded=str(chat["grounded"]).lower()) == 1
     if usage["completion_tokens"] > 1:
         assert delta("enclave_generation_inter_token_latency_seconds_count", model=model) == 1
         # The first token comes from the prefill; every later one from one batched decode step.

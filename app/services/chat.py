@@ -96,6 +96,7 @@ class PreparedChat:
     relevance: float = 0.0
     missing: list[str] = field(default_factory=list)  # names in the question that no passage mentions
     prompt_tokens: int = 0
+    stopped_by_guard: bool = False  # the loop guard or the verify check ended the generation
 
 
 @dataclass
@@ -263,10 +264,12 @@ class ChatService:
                     sent += piece
                     yield AnswerChunk(piece)
                 if done or failed:
-                    break  # leaving the loop closes the engine's stream: the request leaves the batch
+                    # Leaving the loop closes the engine's stream: the request leaves the batch.
+                    prepared.stopped_by_guard = chunk.finish_reason is None
+                    break
         finished = last is not None and last.finish_reason is not None
-        prompt_tokens = last.prompt_tokens if finished else prepared.prompt_tokens
-        completion_tokens = last.completion_tokens if finished else estimate_text_tokens(raw)
+        prompt_tokens = (last.prompt_tokens if last is not None else 0) or prepared.prompt_tokens
+        completion_tokens = (last.completion_tokens if last is not None else 0) or estimate_text_tokens(raw)
         adapter = last.adapter if last is not None else None
         if verify and not sent.strip():
             text, outcome = self._fallback(prepared, unsupported, looped)
@@ -322,11 +325,13 @@ class ChatService:
         model = self.engine.name
         first = last = None
         outcome = "cancelled"  # unless the stream ends or fails below: the consumer closed it early
+        seen: GenerationChunk | None = None  # the latest chunk (running token counts)
         redacting = self.answer_redactor.streaming() if self.answer_redactor is not None else None
         metrics.ENGINE.started()
         try:
             async with aclosing(chunks):
                 async for chunk in chunks:
+                    seen = chunk
                     now = time.perf_counter()
                     if chunk.text and first is None:
                         first = now
@@ -349,6 +354,15 @@ class ChatService:
             outcome = "error"
             raise
         finally:
+            if outcome == "cancelled" and prepared.stopped_by_guard:
+                # Ended on purpose (a loop, an unsupported sentence): a stop, with the tokens spent.
+                outcome = "stop"
+                if seen is not None:
+                    metrics.PROMPT_TOKENS.labels(model).inc(seen.prompt_tokens)
+                    metrics.GENERATED_TOKENS.labels(model).inc(seen.completion_tokens)
+                    if first is not None and seen.completion_tokens > 1:
+                        metrics.INTER_TOKEN_LATENCY.labels(model).observe(
+                            (time.perf_counter() - first) / (seen.completion_tokens - 1))
             metrics.ENGINE.finished()
             metrics.GENERATION_REQUESTS.labels(model, outcome).inc()
 
