@@ -246,7 +246,8 @@ class PromptProfile:
     max_sentences: int = 6
     block_chars: int = 500
     neighbours: int = 0  # sentences kept on each side of a selected one
-    one_shot: bool = True
+    one_shot: bool = False
+    style: str = "fenced"  # fenced (<context> blocks, full rules) | plain ("[1] text", one-line task)
     # Decoding guards (applied to the generated tokens only, never to the prompt, so copying a
     # figure from the context is not penalised): HF-style repetition penalty and no-repeat n-grams.
     repetition_penalty: float = 1.0
@@ -257,7 +258,8 @@ class PromptProfile:
 # here is taken to be large enough to read whole chunks (GLM-4, vLLM-served models).
 PROFILES: dict[str, PromptProfile] = {
     "smollm2-135m-instruct": PromptProfile(compress=True, max_blocks=3, max_sentences=5, block_chars=450,
-                                           one_shot=True, repetition_penalty=1.15, no_repeat_ngram=4),
+                                           one_shot=False, style="plain", repetition_penalty=1.15,
+                                           no_repeat_ngram=4),
 }
 DEFAULT_PROFILE = PromptProfile(compress=False, max_blocks=20, max_sentences=60, block_chars=4000, one_shot=False)
 

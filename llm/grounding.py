@@ -104,7 +104,11 @@ def _occurs(claim: str, block: str) -> bool:
         plain = c.replace(",", "")
         numbers = {n.replace(",", "") for n in re.findall(r"(?<![A-Za-z0-9_.])\d[\d,]*(?:\.\d+)?%?", b)}
         return plain in numbers or plain.rstrip("%") in {n.rstrip("%") for n in numbers}
-    return c in b or c.replace(" ", "") in b.replace(" ", "")
+    if c in b or c.replace(" ", "") in b.replace(" ", ""):
+        return True
+    # A longer phrase (a quote) still matches when only punctuation and markup differ: Markdown's
+    # "**22 days**", a heading joined to its line with a colon.
+    return len(c) > 12 and re.sub(r"[\W_]+", "", c) in re.sub(r"[\W_]+", "", b)
 
 
 def is_abstention(text: str) -> bool:
@@ -315,8 +319,26 @@ def _similar(a: str, b: str) -> bool:
     return bool(ta and tb) and len(ta & tb) / len(ta | tb) > 0.7
 
 
+_MD_LINE = re.compile(r"^\s*(?:#{1,6}\s+|>\s*|[-*•]\s+(?!\S*\*))")
+_MD_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*")
+
+
 def _clean_quote(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+    """A quoted passage as a reader should see it: Markdown heading, list and bold markers dropped,
+    a labelling line joined to what it labels with a colon ("Annual leave: Full-time employees ...")."""
+    out = ""
+    for line in text.splitlines():
+        line = re.sub(r"\s+", " ", _MD_BOLD.sub(r"\1", _MD_LINE.sub("", line))).strip()
+        if not line:
+            continue
+        if out:
+            cjk = bool(re.search(r"[\u3400-\u9fff]", out[-1] + line[0]))
+            if out[-1] not in ".!?。！？:：;；,，":
+                out += "：" if cjk else ": "
+            else:
+                out += "" if cjk else " "
+        out += line
+    return out
 
 
 def supporting_quotes(check: AnswerCheck, chunks: Sequence[str], max_per_block: int = 2) -> list[Quote]:

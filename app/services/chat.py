@@ -6,7 +6,8 @@ The answer a user sees is made in one of three ways (``answer_mode``), chosen by
 - ``generated``: the model's answer. Under the ``verify`` policy it streams sentence by sentence,
   each one sent only once the support check (``llm/grounding.py``) has found its figures, names
   and most of its words in the blocks it cites; a sentence without a citation gets the block that
-  supports it. The first unsupported sentence ends the generation there.
+  supports it. The first unsupported (or repeated) sentence ends the generation there, and so does
+  a first sentence without the figure or name the question asks for ("how many ...?").
 - ``extractive``: no supported sentence came (or the policy is ``extractive``): the best-supported
   sentences of the retrieved passages, quoted with their [n].
 - ``abstained``: no permitted passage bears on the question (or none was found): the answer says
@@ -31,13 +32,14 @@ from fastapi.concurrency import run_in_threadpool
 from app import metrics
 from app.conversations import ConversationStore, new_id
 from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, PromptTooLong
-from llm.evidence import Evidence, PromptProfile, compress, missing_names, score_sentences
+from llm.evidence import (
+    Evidence, PromptProfile, answer_type, compress, has_type, missing_names, score_sentences, split_sentences,
+)
 from llm.grounding import (
     CITATION, NO_ANSWER, NO_CONTEXT, AnswerCheck, Quote, check_answer, check_sentence, extractive_answer, find_loop,
     supporting_quotes,
 )
 from llm.prompt import ONE_SHOT_EXAMPLE, ContextBlock, PromptBuilder, detect_language, estimate_text_tokens
-from llm.evidence import split_sentences
 from retrieval.retriever import Retriever
 from security.pii import PiiRedactor
 from security.principal import Principal
@@ -97,6 +99,7 @@ class PreparedChat:
     missing: list[str] = field(default_factory=list)  # names in the question that no passage mentions
     prompt_tokens: int = 0
     stopped_by_guard: bool = False  # the loop guard or the verify check ended the generation
+    wanted: str | None = None  # "number" / "name": what the question asks for (llm.evidence.answer_type)
 
 
 @dataclass
@@ -167,6 +170,7 @@ class ChatService:
                                            self.embed, dense_weight)
         prepared.evidence = evidence
         prepared.relevance = evidence.relevance
+        prepared.wanted = answer_type(question)
         prepared.missing = missing_names(question, contexts + [f"{h.title or ''} {h.source}" for h in hits])
         if (evidence.relevance < (options.min_relevance_zh if zh else options.min_relevance)
                 or (options.unknown_names and prepared.missing)):
@@ -184,7 +188,8 @@ class ChatService:
 
             system = DEFAULT_SYSTEM_PROMPT + ONE_SHOT_EXAMPLE
         builder = PromptBuilder(self.engine.count_prompt_tokens, self.engine.context_window,
-                                min(chat.max_tokens, self.engine.context_window // 2), system_prompt=system)
+                                min(chat.max_tokens, self.engine.context_window // 2), system_prompt=system,
+                                style=profile.style)
         built = builder.build(question, blocks, history)
         prepared.request = self._request(chat, built.messages)
         prepared.prompt_tokens = built.prompt_tokens
@@ -292,6 +297,7 @@ class ChatService:
         answer is ``complete``). Returns (text to send, new consumed, whether one was unsupported or
         repeated: the answer ends there)."""
         seen = {re.sub(r"\W+", "", CITATION.sub("", s.text)).lower() for s in split_sentences(raw[:consumed])}
+        consumed_any = bool(seen)
         spans = split_sentences(raw)
         if not complete:
             spans = spans[:-1]  # the last sentence may still grow
@@ -314,6 +320,9 @@ class ChatService:
             check = check_sentence(sentence, prepared.contexts, (), self.options.min_overlap)
             if check.abstention or not check.supported:
                 return "".join(out), consumed, True
+            if not consumed_any and prepared.wanted and not has_type(CITATION.sub("", sentence), prepared.wanted):
+                return "".join(out), consumed, True  # asked for a figure or a name, the answer opens without one
+            consumed_any = True
             if not check.cited:
                 sentence = _add_citation(sentence, _best_block(sentence, prepared.contexts))
             out.append((raw[consumed:span.start] if consumed else "") + sentence)
