@@ -114,16 +114,17 @@ CHINESE_STOP_BIGRAMS = frozenset(
 _CHINESE_STOP_CHARS = frozenset("的了是在和与及或也就都而被把对于之其这那有为以中上下吗呢吧啊我你他她它么什怎样哪请能会要")
 
 
-@lru_cache(maxsize=1)
-def _stemmer():
-    import Stemmer  # PyStemmer: the Snowball stemmers, as retrieval's BM25 uses
-
-    return Stemmer.Stemmer("english")
+# The Snowball English stemmer (PyStemmer), as retrieval's BM25 uses; made once, words cached.
+_STEMMER: list = []
 
 
 @lru_cache(maxsize=65536)
 def _stem(word: str) -> str:
-    return _stemmer().stemWord(word)
+    if not _STEMMER:
+        import Stemmer
+
+        _STEMMER.append(Stemmer.Stemmer("english"))
+    return _STEMMER[0].stemWord(word)
 
 
 def terms(text: str) -> set[str]:
