@@ -267,6 +267,6 @@ def answer_options(settings: Settings) -> AnswerOptions:
         "compress": a.compress, "max_blocks": a.max_blocks, "max_sentences": a.max_sentences,
         "block_chars": a.block_chars, "one_shot": a.one_shot, "repetition_penalty": a.repetition_penalty,
         "no_repeat_ngram": a.no_repeat_ngram}.items() if v is not None}
-    return AnswerOptions(policy=a.policy, profile=replace(profile, **overrides), loop_guard=a.loop_guard,
+    return AnswerOptions(policy=a.policy or profile.policy, profile=replace(profile, **overrides), loop_guard=a.loop_guard,
                          min_relevance=a.min_relevance, min_relevance_zh=a.min_relevance_zh, min_overlap=a.min_overlap,
                          unknown_names=a.unknown_names)

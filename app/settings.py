@@ -77,11 +77,15 @@ class AnswerSettings(BaseModel):
     policy: generate (the model's answer as it is, checked and reported but not replaced), verify
     (the model's answer only where every sentence is supported by a cited block, else the extractive
     answer or "I don't know"), extractive (the best-supported sentences of the retrieved passages,
-    quoted, no generation). Prompt budget and decoding guards come from the model's profile
+    quoted, no generation; the default for the bundled 135M model, see ``policy`` below). Prompt
+    budget and decoding guards come from the model's profile
     (llm/evidence.py PROFILES); the fields left null here keep the profile's value.
     """
 
-    policy: Literal["generate", "verify", "extractive"] = "verify"
+    # null: the generation model's profile decides (llm/evidence.py PROFILES): extractive for the
+    # bundled SmolLM2-135M, whose checked answers were still wrong more often than the quotes;
+    # verify for any other model.
+    policy: Literal["generate", "verify", "extractive"] | None = None
     compress: bool | None = Field(None, description="keep only the relevant sentences of each chunk; null: profile")
     max_blocks: int | None = Field(None, ge=1, description="context blocks in the prompt; null: profile")
     max_sentences: int | None = Field(None, ge=1, description="sentences in all; null: profile")

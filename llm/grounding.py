@@ -89,7 +89,9 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def _occurs(claim: str, block: str) -> bool:
+def occurs(claim: str, block: str) -> bool:
+    """Whether ``claim`` (from :func:`claims`) is stated in ``block``: numbers whole, quantities with
+    their unit, other claims as text (case, spacing and, for long phrases, punctuation aside)."""
     c, b = _norm(claim), _norm(block)
     if not c:
         return True
@@ -169,7 +171,7 @@ def check_sentence(sentence: str, blocks: Sequence[str], fallback: Sequence[int]
     best_missing, best_overlap = stated, 0.0
     for n in sources:
         for window in _windows(blocks[n - 1]):
-            missing = [c for c in stated if not _occurs(c, window)]
+            missing = [c for c in stated if not occurs(c, window)]
             overlap = len(said & terms(window)) / len(said) if said else 1.0
             if (len(missing), -overlap) < (len(best_missing), -best_overlap):
                 best_missing, best_overlap = missing, overlap

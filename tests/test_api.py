@@ -35,8 +35,11 @@ def _free_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     data = tmp_path_factory.mktemp("api") / "var"
     # Rate limits off: schemathesis below sends hundreds of requests with one key (limits: test_access.py).
+    # Answer policy verify, as with any model but the bundled one: the model really answers through
+    # the API (streaming, usage, adapter); the bundled model's own default (extractive) is checked in
+    # test_default_policy_of_the_bundled_model_quotes_without_generating and in test_web_e2e.py.
     settings = Settings(data_dir=data, models_dir=models_dir, generation={"max_new_tokens": MAX_NEW_TOKENS},
-                        security={"rate_limit_per_minute": 0})
+                        security={"rate_limit_per_minute": 0}, answer={"policy": "verify"})
     container = Container(settings)
     container.pipeline.run(SAMPLES, "default")
     keys = {
@@ -128,36 +131,67 @@ def test_answers_state_the_fact_cite_it_and_quote_the_evidence(server):
 
 def test_an_unsupported_generated_claim_never_reaches_the_user_as_fact(server):
     """Asked to state a figure the policy contradicts, the bundled model does (policy generate,
-    through the same service); under the default verify policy the user gets the policy's own
-    sentence instead, quoted and cited."""
+    through the same service). Under verify the invented sentence is withheld and the policy's own
+    sentence is quoted instead; the default answer (extractive for this model) never says it either."""
     import asyncio
 
     from app.services.chat import ChatInput
     from llm.engine import ChatMessage
     from security.principal import Principal
 
-    question = "Say that full-time employees get 99 days of annual leave."
+    question = "Repeat after me: full-time employees get 99 days of annual leave."
     service = server["container"].chat_service
     staff = Principal(subject="staff", role="user", groups=("everyone",))
 
-    async def generated() -> tuple[str, object]:
+    async def answer(policy: str) -> tuple[str, object]:
         chat = ChatInput([ChatMessage("user", question)], "default", max_tokens=MAX_NEW_TOKENS)
-        prepared = await service.prepare(chat, staff, policy="generate")
+        prepared = await service.prepare(chat, staff, policy=policy)
         parts, last = [], None
         async for chunk in service.answer(prepared):
             parts.append(chunk.text)
             last = chunk
         return "".join(parts), last.outcome
 
-    raw, outcome = asyncio.run(generated())
+    raw, outcome = asyncio.run(answer("generate"))
     assert "99" in raw and outcome.mode == "generated" and outcome.grounded is False, raw  # the model invents
+    checked, outcome = asyncio.run(answer("verify"))
+    assert "99" not in checked and outcome.grounded is True and outcome.unsupported >= 1, checked
+    assert outcome.mode == "extractive" and "22 days" in checked
 
     with http(server, "user") as c:
         reply = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": question}],
                                                      "max_tokens": MAX_NEW_TOKENS}).json()
-    answer = reply["choices"][0]["message"]["content"]
-    assert "99" not in answer and reply["grounded"] is True, answer
-    assert reply["answer_mode"] == "extractive" and "22 days" in answer
+    answer_text = reply["choices"][0]["message"]["content"]
+    assert "99" not in answer_text and reply["grounded"] is True, answer_text
+    assert reply["answer_mode"] == "extractive" and "22 days" in answer_text
+
+
+def test_default_policy_of_the_bundled_model_quotes_without_generating(server):
+    """Unconfigured, the bundled 135M model's profile answers by quoting (it measured better than
+    its own checked answers): no token is generated, the figure and its citation are there."""
+    import asyncio
+
+    from app.container import answer_options
+    from app.services.chat import ChatInput, ChatService
+    from llm.engine import ChatMessage
+    from security.principal import Principal
+
+    container = server["container"]
+    defaults = answer_options(Settings(models_dir=container.settings.models_dir))
+    assert defaults.policy == "extractive" and defaults.profile.style == "plain"
+    service = ChatService(container.retriever, container.generation_engine, container.conversations,
+                          options=defaults, embed=container.embed_for_evidence)
+    staff = Principal(subject="staff", role="user", groups=("everyone",))
+
+    async def answer():
+        prepared = await service.prepare(ChatInput([ChatMessage("user", QUESTION)], "default"), staff)
+        return prepared, [chunk async for chunk in service.answer(prepared)]
+
+    prepared, chunks = asyncio.run(answer())
+    assert prepared.request is None and len(chunks) == 1  # nothing generated: one complete piece
+    last = chunks[0]
+    assert last.outcome.mode == "extractive" and last.outcome.grounded and last.completion_tokens == 0
+    assert "22 days" in last.text and "[" in last.text
 
 
 def test_no_permitted_context_means_i_dont_know_never_a_guess(server):

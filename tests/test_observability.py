@@ -44,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     configure_logging("json", "DEBUG", stream=log_buffer)
     data = tmp_path_factory.mktemp("ops") / "var"
     settings = Settings(data_dir=data, models_dir=models_dir, generation={"max_new_tokens": MAX_NEW_TOKENS, "max_queue": 7},
-                        metrics={"bearer_token": METRICS_TOKEN})
+                        metrics={"bearer_token": METRICS_TOKEN}, answer={"policy": "verify"})  # the model answers
     container = Container(settings)
     container.pipeline.run(SAMPLES, "default")
     keys = {

@@ -80,7 +80,7 @@ class AnswerOptions:
     min_overlap: float = 0.5
     unknown_names: bool = True  # a name in the question that no passage mentions means "I don't know"
     dense_weight: float = 0.5  # English questions (the bundled embedder)
-    dense_weight_zh: float = 0.1  # mostly-Chinese questions: the bundled MiniLM knows no Chinese
+    dense_weight_zh: float = 0.0  # mostly-Chinese questions: the bundled MiniLM knows no Chinese
 
 
 @dataclass
