@@ -239,7 +239,8 @@ class PromptProfile:
 
     ``max_blocks`` chunks at most, ``max_sentences`` sentences in all, ``block_chars`` characters per
     block; ``compress=False`` sends the retrieved chunks whole (large models). ``one_shot`` adds a
-    worked example of the citation format to the system prompt (helps small models cite).
+    worked example of the citation format to the fenced layout's system prompt (SmolLM2-135M copied
+    the example's answer instead, so it is off for it).
     """
 
     compress: bool = True

@@ -33,13 +33,15 @@ from app import metrics
 from app.conversations import ConversationStore, new_id
 from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, PromptTooLong
 from llm.evidence import (
-    Evidence, PromptProfile, answer_type, compress, has_type, missing_names, score_sentences, split_sentences,
+    Evidence, PromptProfile, answer_type, compress, has_type, missing_names, score_sentences, split_sentences, terms,
 )
 from llm.grounding import (
     CITATION, NO_ANSWER, NO_CONTEXT, AnswerCheck, Quote, check_answer, check_sentence, extractive_answer, find_loop,
     supporting_quotes,
 )
-from llm.prompt import ONE_SHOT_EXAMPLE, ContextBlock, PromptBuilder, detect_language, estimate_text_tokens
+from llm.prompt import (
+    DEFAULT_SYSTEM_PROMPT, ONE_SHOT_EXAMPLE, ContextBlock, PromptBuilder, detect_language, estimate_text_tokens,
+)
 from retrieval.retriever import Retriever
 from security.pii import PiiRedactor
 from security.principal import Principal
@@ -182,11 +184,7 @@ class ChatService:
         profile = options.profile
         blocks = [ContextBlock(hits[c.block].chunk_id, hits[c.block].source, hits[c.block].title, hits[c.block].page,
                                c.text, number=c.block + 1) for c in compress(contexts, evidence, profile)]
-        system = None
-        if profile.one_shot:
-            from llm.prompt import DEFAULT_SYSTEM_PROMPT
-
-            system = DEFAULT_SYSTEM_PROMPT + ONE_SHOT_EXAMPLE
+        system = DEFAULT_SYSTEM_PROMPT + ONE_SHOT_EXAMPLE if profile.one_shot and profile.style == "fenced" else None
         builder = PromptBuilder(self.engine.count_prompt_tokens, self.engine.context_window,
                                 min(chat.max_tokens, self.engine.context_window // 2), system_prompt=system,
                                 style=profile.style)
@@ -418,8 +416,6 @@ _CITATION_RUN = re.compile(r"\s*(?:\[\d{1,2}\])+")
 
 def _best_block(sentence: str, contexts: list[str]) -> int:
     """The context block (1-based) that holds most of the sentence's terms."""
-    from llm.evidence import terms
-
     said = terms(sentence)
     scores = [len(said & terms(c)) for c in contexts]
     return 1 + max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 1
