@@ -13,6 +13,7 @@ Memory is bounded by one batch of files and their chunks.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from datetime import datetime, timezone
 from collections.abc import Callable, Iterator
@@ -48,7 +49,8 @@ class IngestReport:
     unchanged: int = 0
     deleted: int = 0
     failed: int = 0
-    skipped: int = 0  # unsupported file types
+    skipped: int = 0  # unsupported file types, symbolic links, special files
+    skipped_files: list[FileFailure] = field(default_factory=list)  # those skipped for a reason to show
     chunks: int = 0  # chunks embedded and stored by this run
     total_chunks: int = 0  # chunks in the knowledge base afterwards
     seconds: float = 0.0
@@ -85,6 +87,26 @@ class _Pending:
     size: int
     groups: list[str]
     existing: StoredDocument | None
+
+
+def not_readable(file: Path) -> str | None:
+    """Why a path found under the ingested folder is not read (None: a regular file, read it).
+
+    Symbolic links are never followed: a link's target may lie outside the folder the user gave
+    (``/etc/passwd``, the service's own secrets) or under other access rules (``pub/x.md ->
+    ../hr/x.md`` would give HR's text the groups of ``pub/``). Special files are not read either: a
+    FIFO would block the run, holding the knowledge base's write lock, forever. Checked with
+    ``lstat`` (the link itself, not its target); os.walk does not descend into linked folders.
+    """
+    try:
+        mode = os.lstat(file).st_mode
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISLNK(mode):
+        return "symbolic link, not followed (its target may be outside the folder or under other access rules)"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None
 
 
 def walk_files(root: Path) -> Iterator[Path]:
@@ -171,6 +193,12 @@ class IngestPipeline:
             regroups: list[tuple[int, list[str]]] = []
             for file in files:
                 source = file.relative_to(root).as_posix()
+                reason = not_readable(file)
+                if reason is not None:
+                    report.skipped += 1
+                    report.skipped_files.append(FileFailure(source, reason))
+                    progress.advance(files=1)
+                    continue
                 if file.name == ACL_FILE or file_type_for(file) is None:
                     report.skipped += file.name != ACL_FILE
                     progress.advance(files=1)

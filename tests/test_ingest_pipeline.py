@@ -212,3 +212,42 @@ def test_pii_redaction_before_indexing(store: KnowledgeBaseStore, counting: Memo
     texts = " ".join(c.text for c in store.chunks(store.chunk_ids("pii").tolist()).values())
     assert "[PHONE]" in texts and "[CARD]" in texts and "[CN_ID]" in texts and "4111111111111112" in texts
     assert "13812345678" not in texts and "11010519491231002X" not in texts and "li.wei@" not in texts + doc.title
+
+
+def test_links_and_special_files_are_never_read(pipeline: IngestPipeline, store: KnowledgeBaseStore, tmp_path: Path):
+    """A link inside the folder would give its target the groups of the link's place (HR text to
+    everyone) or read outside the folder (/etc/passwd); a FIFO would block the run forever. None
+    is read: each is reported as skipped with its reason, and a document that was a regular file
+    before and is a link now is removed by deletion sync."""
+    import os
+
+    root = tmp_path / "share"
+    (root / "hr").mkdir(parents=True)
+    (root / "pub").mkdir()
+    (root / ".enclave-acl.yaml").write_text('rules:\n  - pattern: "hr/**"\n    groups: [hr]\n')
+    (root / "hr" / "b.md").write_text("# Salaries\n\nThe confidential salary band for level 7 is 91,000 to 104,000.\n")
+    (root / "pub" / "notes.md").write_text("# Notes\n\nThe canteen opens at 11:30 on weekdays.\n")
+    (root / "pub" / "b-link.md").write_text("# Placeholder\n\nA public page that will become a link.\n")
+    pipeline.run(root, "kb1")
+    assert "pub/b-link.md" in {d.source for d in store.documents("kb1")}
+
+    (root / "pub" / "b-link.md").unlink()
+    os.symlink("../hr/b.md", root / "pub" / "b-link.md")  # HR text under a public path
+    os.symlink("/etc/passwd", root / "pub" / "passwd.txt")  # outside the folder
+    os.symlink("..", root / "pub" / "loop")  # a folder loop
+    os.mkfifo(root / "pub" / "fifo.txt")  # would block a reader forever
+    report = pipeline.run(root, "kb1")
+
+    docs = {d.source: json.loads(d.groups) for d in store.documents("kb1")}
+    assert docs == {"hr/b.md": ["hr"], "pub/notes.md": ["everyone"]}
+    reasons = {s.source: s.reason for s in report.skipped_files}
+    assert set(reasons) == {"pub/b-link.md", "pub/passwd.txt", "pub/fifo.txt"}
+    assert reasons["pub/b-link.md"].startswith("symbolic link") and reasons["pub/fifo.txt"] == "not a regular file"
+    assert report.deleted == 1 and report.failed == 0
+    with Session(store.engine) as session:
+        texts = " ".join(c.text for c in session.exec(select(ChunkRow).where(ChunkRow.kb == "kb1")))
+    assert "root:" not in texts
+    everyone = Retriever(store, pipeline.embedder).search("salary band level 7", "kb1",
+                                                           Principal(subject="u", groups=("everyone",)), 5)
+    assert all(h.source != "pub/b-link.md" and "104,000" not in h.text for h in everyone)
+    assert_consistent(store, "kb1")

@@ -77,13 +77,16 @@ def run(
         out.print(f"[bold]ingest[/] {report.root} -> knowledge base [bold]{kb}[/]", highlight=False)
         out.print(
             f"  files: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
-            f"{report.deleted} deleted, {report.failed} failed, {report.skipped} skipped (unsupported type)\n"
+            f"{report.deleted} deleted, {report.failed} failed, {report.skipped} skipped "
+            f"(unsupported type, link or special file)\n"
             f"  chunks: {report.chunks} embedded, {report.total_chunks} in the knowledge base\n"
             f"  time: {report.seconds:.1f} s",
             highlight=False,
         )
         for failure in report.failures:
             console.print(f"[yellow]failed:[/] {failure.source}: {failure.reason}", highlight=False)
+        for skipped in report.skipped_files:
+            console.print(f"[yellow]skipped:[/] {skipped.source}: {skipped.reason}", highlight=False)
     if report.failed:
         sys.exit(1)
 
