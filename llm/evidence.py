@@ -247,7 +247,6 @@ class PromptProfile:
     max_blocks: int = 3
     max_sentences: int = 6
     block_chars: int = 500
-    neighbours: int = 0  # sentences kept on each side of a selected one
     one_shot: bool = False
     style: str = "fenced"  # fenced (<context> blocks, full rules) | plain ("[1] text", one-line task)
     # Decoding guards (applied to the generated tokens only, never to the prompt, so copying a
@@ -301,18 +300,6 @@ class Evidence:
         service answers "I don't know" below ``answer.min_relevance``."""
         w = self.dense_weight
         return max(((1 - w) * s.lexical + w * s.dense for s in self.sentences), default=0.0)
-
-    def best(self, n: int = 1) -> list[ScoredSentence]:
-        return self.sentences[:n]
-
-    @property
-    def top_score(self) -> float:
-        return self.sentences[0].score if self.sentences else 0.0
-
-    @property
-    def top_lexical(self) -> float:
-        return max((s.lexical for s in self.sentences), default=0.0)
-
 
 def score_sentences(
     question: str,
@@ -408,32 +395,16 @@ def compress(texts: Sequence[str], evidence: Evidence, profile: PromptProfile) -
             break
         if s.block not in chosen and len(chosen) >= profile.max_blocks:
             continue
-        spans = chosen.setdefault(s.block, [])
-        group = _with_neighbours(texts[s.block], s.span, profile.neighbours)
-        new = [g for g in group if g not in spans]
-        if sum(len(g.text) for g in spans + new) > profile.block_chars:
-            if spans or len(s.span.text) > profile.block_chars:
-                if not spans:
-                    chosen.pop(s.block)
-                continue
-        spans.extend(new)
+        spans = chosen.get(s.block, [])
+        if sum(len(sp.text) for sp in spans) + len(s.span.text) > profile.block_chars:
+            continue  # this chunk is full (or the sentence alone is too long)
+        chosen[s.block] = spans + [s.span]
         count += 1
     out = []
     for block in sorted(chosen):
         spans = tuple(sorted(chosen[block], key=lambda sp: sp.start))
-        if spans:
-            out.append(CompressedBlock(block, _join(spans), spans))
+        out.append(CompressedBlock(block, _join(spans), spans))
     return out
-
-
-def _with_neighbours(text: str, span: Span, n: int) -> list[Span]:
-    if n <= 0:
-        return [span]
-    spans = split_sentences(text)
-    at = next((i for i, s in enumerate(spans) if s.start == span.start), None)
-    if at is None:
-        return [span]
-    return spans[max(0, at - n) : at + n + 1]
 
 
 def _join(spans: Sequence[Span]) -> str:

@@ -23,12 +23,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 from llm.evidence import Evidence, Span, answer_type, has_type, label_before, split_sentences, terms
 
 CITATION = re.compile(r"\[(\d{1,2})\]")
-_CITATION_RUN = re.compile(r"\s*(?:\[\d{1,2}\])+")
+CITATION_RUN = re.compile(r"\s*(?:\[\d{1,2}\])+")  # "[1]", " [2][3]": citations, with the space before
+
+
+def sentence_key(text: str) -> str:
+    """A sentence without its citations, case and punctuation: the same sentence said again has the same key."""
+    return re.sub(r"\W+", "", CITATION.sub("", text)).lower()
 
 # --- claims ---------------------------------------------------------------------------------------
 
@@ -170,9 +176,9 @@ def check_sentence(sentence: str, blocks: Sequence[str], fallback: Sequence[int]
     words = {t for t in said if not re.fullmatch(r"[\d.,%]+", t)}
     best_missing, best_overlap = stated, 0.0
     for n in sources:
-        for window in _windows(blocks[n - 1]):
+        for window, window_terms in _windows(blocks[n - 1]):
             missing = [c for c in stated if not occurs(c, window)]
-            overlap = len(said & terms(window)) / len(said) if said else 1.0
+            overlap = len(said & window_terms) / len(said) if said else 1.0
             if (len(missing), -overlap) < (len(best_missing), -best_overlap):
                 best_missing, best_overlap = missing, overlap
             if not missing and overlap >= min_overlap and len(words) >= 2:
@@ -180,12 +186,14 @@ def check_sentence(sentence: str, blocks: Sequence[str], fallback: Sequence[int]
     return SentenceCheck(sentence, numbers, False, best_missing, best_overlap)
 
 
-def _windows(text: str) -> list[str]:
-    """Each sentence of ``text`` and each pair of adjacent sentences (a claim and its context)."""
+@lru_cache(maxsize=256)
+def _windows(text: str) -> tuple[tuple[str, frozenset[str]], ...]:
+    """Each sentence of ``text`` and each pair of adjacent sentences (a claim and its context), with
+    their terms. Cached: a streamed answer checks every sentence against the same few chunks."""
     spans = split_sentences(text)
     out = [s.text for s in spans]
     out += [text[a.start : b.end] for a, b in zip(spans, spans[1:])]
-    return out or [text]
+    return tuple((w, frozenset(terms(w))) for w in (out or [text]))
 
 
 def check_answer(answer: str, blocks: Sequence[str], min_overlap: float = 0.5) -> AnswerCheck:
@@ -200,12 +208,12 @@ def check_answer(answer: str, blocks: Sequence[str], min_overlap: float = 0.5) -
 
 
 def _is_only_citations(text: str) -> bool:
-    return not _CITATION_RUN.sub("", text).strip(" .。")
+    return not CITATION_RUN.sub("", text).strip(" .。")
 
 
 def _attach_trailing(answer: str, span: Span) -> str:
     """A sentence with the citations that follow its full stop ("... 128. [1]") counted as its own."""
-    tail = _CITATION_RUN.match(answer, span.end)
+    tail = CITATION_RUN.match(answer, span.end)
     return span.text + (tail.group(0) if tail else "")
 
 
@@ -238,7 +246,7 @@ def find_loop(text: str, min_repeats: int = 3, max_unit: int = 80, min_chars: in
             return pos + unit
     seen: dict[str, int] = {}
     for span in split_sentences(text):
-        key = re.sub(r"\W+", "", span.text.lower())
+        key = sentence_key(span.text)
         if len(key) < 8:
             continue
         seen[key] = seen.get(key, 0) + 1
@@ -362,3 +370,18 @@ def supporting_quotes(check: AnswerCheck, chunks: Sequence[str], max_per_block: 
         for _, _, span in sorted(ranked[:max_per_block], key=lambda r: r[1]):
             quotes.append(Quote(number, span))
     return quotes
+
+
+def best_block(sentence: str, chunks: Sequence[str]) -> int:
+    """The chunk (1-based) that holds most of the sentence's terms: the citation it forgot."""
+    said = terms(sentence)
+    scores = [len(said & terms(c)) for c in chunks]
+    return 1 + max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 1
+
+
+def add_citation(sentence: str, number: int) -> str:
+    """Insert ``[n]`` before the sentence's closing punctuation."""
+    m = re.search(r"[.。!?！？]+$", sentence)
+    if m:
+        return sentence[: m.start()] + f" [{number}]" + sentence[m.start():]
+    return sentence + f" [{number}]"

@@ -20,7 +20,6 @@ character offsets into the chunk, so that the chat page can highlight them.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -33,11 +32,11 @@ from app import metrics
 from app.conversations import ConversationStore, new_id
 from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, PromptTooLong
 from llm.evidence import (
-    Evidence, PromptProfile, answer_type, compress, has_type, missing_names, score_sentences, split_sentences, terms,
+    Evidence, PromptProfile, answer_type, compress, has_type, missing_names, score_sentences, split_sentences,
 )
 from llm.grounding import (
-    CITATION, NO_ANSWER, NO_CONTEXT, AnswerCheck, Quote, check_answer, check_sentence, extractive_answer, find_loop,
-    supporting_quotes,
+    CITATION, CITATION_RUN, NO_ANSWER, NO_CONTEXT, AnswerCheck, Quote, add_citation, best_block, check_answer,
+    check_sentence, extractive_answer, find_loop, sentence_key, supporting_quotes,
 )
 from llm.prompt import (
     DEFAULT_SYSTEM_PROMPT, ONE_SHOT_EXAMPLE, ContextBlock, PromptBuilder, detect_language, estimate_text_tokens,
@@ -46,7 +45,6 @@ from retrieval.retriever import Retriever
 from security.pii import PiiRedactor
 from security.principal import Principal
 
-_CITATION = CITATION
 Embed = Callable[[list[str]], np.ndarray]
 # Under the generate policy (and for chat without retrieval) text is held back this many characters,
 # so that a short unit repeated ("1. 1. 1. 1.", "aaaa") is cut before it reaches the client; a longer
@@ -294,7 +292,7 @@ class ChatService:
         """Judge the sentences of ``raw`` past ``consumed`` that are finished (all of them when the
         answer is ``complete``). Returns (text to send, new consumed, whether one was unsupported or
         repeated: the answer ends there)."""
-        seen = {re.sub(r"\W+", "", CITATION.sub("", s.text)).lower() for s in split_sentences(raw[:consumed])}
+        seen = {sentence_key(s.text) for s in split_sentences(raw[:consumed])}
         consumed_any = bool(seen)
         spans = split_sentences(raw)
         if not complete:
@@ -303,15 +301,15 @@ class ChatService:
         for span in spans:
             if span.end <= consumed:
                 continue
-            tail = _CITATION_RUN.match(raw, span.end)
+            tail = CITATION_RUN.match(raw, span.end)
             end = tail.end() if tail else span.end
             if not complete and end == len(raw):
                 break  # a citation may still follow
             sentence = raw[span.start:end]
-            if _CITATION_RUN.fullmatch(" " + sentence):
+            if CITATION_RUN.fullmatch(" " + sentence):
                 consumed = end
                 continue
-            key = re.sub(r"\W+", "", CITATION.sub("", sentence)).lower()
+            key = sentence_key(sentence)
             if key in seen:
                 return "".join(out), consumed, True  # said again: the model is looping; end here
             seen.add(key)
@@ -322,7 +320,7 @@ class ChatService:
                 return "".join(out), consumed, True  # asked for a figure or a name, the answer opens without one
             consumed_any = True
             if not check.cited:
-                sentence = _add_citation(sentence, _best_block(sentence, prepared.contexts))
+                sentence = add_citation(sentence, best_block(sentence, prepared.contexts))
             out.append((raw[consumed:span.start] if consumed else "") + sentence)
             consumed = end
         return "".join(out), consumed, False
@@ -401,7 +399,7 @@ class ChatService:
 
     def record(self, chat: ChatInput, who: Principal, prepared: PreparedChat, answer: str,
                prompt_tokens: int, completion_tokens: int, outcome: AnswerOutcome | None = None) -> str:
-        cited = {int(n) for n in _CITATION.findall(answer)}
+        cited = {int(n) for n in CITATION.findall(answer)}
         public = outcome.sources if outcome is not None else [
             {k: v for k, v in s.items() if k != "text"} for s in prepared.sources]
         sources = [{**s, "cited": s["index"] in cited} for s in public]
@@ -409,21 +407,3 @@ class ChatService:
             chat.conversation_id, who.subject, chat.user, chat.knowledge_base if chat.rag else None, prepared.question,
             answer, prepared.completion_id, sources, prompt_tokens, completion_tokens,
         )
-
-
-_CITATION_RUN = re.compile(r"\s*(?:\[\d{1,2}\])+")
-
-
-def _best_block(sentence: str, contexts: list[str]) -> int:
-    """The context block (1-based) that holds most of the sentence's terms."""
-    said = terms(sentence)
-    scores = [len(said & terms(c)) for c in contexts]
-    return 1 + max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 1
-
-
-def _add_citation(sentence: str, number: int) -> str:
-    """Insert ``[n]`` before the sentence's closing punctuation."""
-    m = re.search(r"[.。!?！？]+$", sentence)
-    if m:
-        return sentence[: m.start()] + f" [{number}]" + sentence[m.start():]
-    return sentence + f" [{number}]"
