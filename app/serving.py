@@ -44,12 +44,18 @@ def is_unspecified(host: str) -> bool:
         return False
 
 
-def uvicorn_config(settings: Settings, app: Any = "app.api.asgi:factory", *, host: str | None = None,
+def uvicorn_config(settings: Settings, app: Any = None, *, host: str | None = None,
                    port: int | None = None, workers: int | None = None, **extra: Any) -> uvicorn.Config:
+    """``app`` defaults to the ASGI factory bound to ``settings`` (pickled into each worker)."""
     cfg = settings.server
+    factory = app is None
+    if factory:
+        from app.api.asgi import factory as asgi_factory
+
+        app = functools.partial(asgi_factory, settings)
     options: dict[str, Any] = {
         "host": host or cfg.host, "port": port or cfg.port, "workers": workers or cfg.workers,
-        "factory": isinstance(app, str),
+        "factory": factory,
         # X-Forwarded-For is handled by the application (server.trusted_proxies), never by uvicorn's
         # default of trusting 127.0.0.1; no Server header advertising the stack. Logging is configured
         # by the app (JSON lines, request ids, no query strings): uvicorn's own config and access log stay off.

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +23,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+
+
+# The YAML file of the Settings being built now (set only inside load_settings).
+_config_file: ContextVar[str | None] = ContextVar("enclave_config_file", default=None)
 
 class ModelEntry(BaseModel):
     """A model an operator registered: a local HF folder or a GGUF file."""
@@ -320,6 +325,13 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    # The YAML file these settings were read from (None: defaults and ENCLAVE_* only); handed to
+    # child processes as their --config argument.
+    _config_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def config_path(self) -> Path | None:
+        return self._config_path
 
     @classmethod
     def settings_customise_sources(
@@ -331,7 +343,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("ENCLAVE_CONFIG")
+        config_file = _config_file.get() or os.environ.get("ENCLAVE_CONFIG")
         if config_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
@@ -358,12 +370,27 @@ class Settings(BaseSettings):
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings; ``config_file`` (the ``--config`` option) wins over ``ENCLAVE_CONFIG``."""
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        os.environ["ENCLAVE_CONFIG"] = str(path)
-    elif os.environ.get("ENCLAVE_CONFIG") and not Path(os.environ["ENCLAVE_CONFIG"]).is_file():
-        raise FileNotFoundError(f"config file not found: {os.environ['ENCLAVE_CONFIG']}")
-    return Settings(**overrides)
+    """Build settings; ``config_file`` (the ``--config`` option) wins over ``ENCLAVE_CONFIG``.
+
+    The file is handed to this one construction only (a context variable read by
+    ``settings_customise_sources``); the process environment is never written, so nothing leaks
+    into later constructions, threads or child processes. Worker processes get the built Settings
+    object itself (see app/api/asgi.py).
+    """
+    if config_file is None:
+        env_file = os.environ.get("ENCLAVE_CONFIG")
+        if env_file and not Path(env_file).is_file():
+            raise FileNotFoundError(f"config file not found: {env_file}")
+        settings = Settings(**overrides)
+        settings._config_path = Path(env_file).resolve() if env_file else None
+        return settings
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    token = _config_file.set(str(path))
+    try:
+        settings = Settings(**overrides)
+    finally:
+        _config_file.reset(token)
+    settings._config_path = path.resolve()
+    return settings

@@ -19,6 +19,7 @@ from app.api.audit import record_denial
 from app.api.middleware import RequestContextMiddleware
 from app.api.routers import admin, chat, health, metrics, models, search
 from app.container import Container
+from app.settings import Settings
 
 log = logging.getLogger("enclave.api")
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -26,21 +27,29 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
-def start_finetune_schedule(cron: str):
-    """The built-in scheduler: `finetune run --trigger schedule` as a child process at each due time."""
-    import subprocess
+def finetune_job_command(settings: Settings) -> list[str]:
+    """The scheduled job's command line: the server's config file goes along as --config."""
     import sys
 
+    config = ["--config", str(settings.config_path)] if settings.config_path else []
+    return [sys.executable, "-m", "app.cli.finetune_cli", *config, "run", "--trigger", "schedule"]
+
+
+def start_finetune_schedule(settings: Settings):
+    """The built-in scheduler: `finetune run --trigger schedule` as a child process at each due time."""
+    import subprocess
+
     from finetune.schedule import InProcessScheduler
+
+    command = finetune_job_command(settings)
 
     def job() -> None:
         # A separate process: training memory is returned when it ends and a crash cannot take the
         # API down; the job lock keeps several workers or replicas to one run.
-        done = subprocess.run([sys.executable, "-m", "app.cli.finetune_cli", "run", "--trigger", "schedule"],
-                              check=False)
+        done = subprocess.run(command, check=False)
         log.info("scheduled fine-tuning run exited with %s", done.returncode)
 
-    scheduler = InProcessScheduler(cron, job)
+    scheduler = InProcessScheduler(settings.finetune.schedule, job)
     scheduler.start()
     return scheduler
 
@@ -69,7 +78,7 @@ def create_app(container: Container) -> FastAPI:
                 log.exception("cannot load the active LoRA adapter; serving the base model")
             watcher.start()
         if ft.schedule_in_process:
-            scheduler = start_finetune_schedule(ft.schedule)
+            scheduler = start_finetune_schedule(container.settings)
         container.generation_ready = True
         log.info("generation engine ready: %s (adapter %s)", engine.name,
                  getattr(engine, "adapter_version", None) or "none")

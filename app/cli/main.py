@@ -192,6 +192,9 @@ def serve(
 
     settings = State.container().settings
     configure_logging(settings.logging.format, settings.logging.level)
+    # Migrate the database once, here, before any worker starts: worker processes racing to create
+    # the schema of a fresh database failed with "table alembic_version already exists".
+    _ = State.container().engine
     cfg = settings.server
     config = uvicorn_config(settings, host=host, port=port, workers=workers)
     scheme = "https" if cfg.tls_certfile else "http"
