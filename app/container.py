@@ -180,6 +180,25 @@ class Container:
 
         return Registry(self.engine)
 
+    # Application services: one per feature, shared by the API routers and the CLI commands.
+    @cached_property
+    def documents(self):
+        from app.services.documents import DocumentService
+
+        return DocumentService(self.pipeline, self.kb_store, self.audit, self.settings.default_kb)
+
+    @cached_property
+    def keys(self):
+        from app.services.keys import KeyService
+
+        return KeyService(self.api_keys, self.audit)
+
+    @cached_property
+    def adapters(self):
+        from app.services.adapters import AdapterService
+
+        return AdapterService(self.finetune_registry, self.audit)
+
     @property
     def finetune_redact(self):
         """The PII redaction hook of fine-tuning datasets (``str -> str``), or None when turned off."""

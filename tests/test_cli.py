@@ -21,7 +21,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     env.pop("ENCLAVE_DATABASE_URL", None)
 
     def run(program: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-        module = {"ingest": "app.cli.ingest_cli", "enclave": "app.cli.main"}[program]
+        module = {"ingest": "app.cli.ingest_cli", "enclave": "app.cli.main", "finetune": "app.cli.finetune_cli"}[program]
         proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == expect, f"{program} {args}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
@@ -70,6 +70,47 @@ def test_clear_errors(cli, tmp_path: Path):
     assert "unknown knowledge base 'nope'" in unknown.stderr
     bad_name = cli("ingest", "run", str(SAMPLES / "it"), "--kb", "../x", expect=2)
     assert "invalid knowledge base name" in bad_name.stderr
+
+
+def _audit_records(cli, tmp_path: Path) -> list[dict]:
+    export = tmp_path / "audit.jsonl"
+    cli("enclave", "audit", "export", "--out", str(export))
+    lines = [json.loads(line) for line in export.read_text().splitlines() if line.strip()]
+    return [line for line in lines if line["type"] == "record"]
+
+
+def test_cli_changes_are_audited_like_the_api(cli, tmp_path: Path):
+    """ingest run / remove, finetune promote / rollback and key commands write the same started +
+    outcome records as the admin API, with the operator as subject; failures are recorded too."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "note.md").write_text("# Parking\n\nVisitors park in bay C behind the north entrance.\n")
+    cli("ingest", "run", str(folder), "--kb", "audited")
+    doc = next(d for d in json.loads(cli("ingest", "list", "--kb", "audited", "--json").stdout))
+    cli("ingest", "remove", str(doc["id"]), "--kb", "audited")
+    cli("ingest", "remove", "999999", "--kb", "audited", expect=2)
+    cli("finetune", "promote", "no-such-adapter", expect=2)
+    cli("finetune", "rollback", expect=2)
+    cli("enclave", "keys", "create", "bad-role-key", "--role", "emperor", expect=2)
+
+    records = _audit_records(cli, tmp_path)
+
+    def trail(action: str) -> list[tuple[str, str]]:
+        return [(r["status"], r.get("detail") or "") for r in records if r["action"] == action
+                and r.get("knowledge_base") in (None, "audited")]
+
+    assert all(r["subject"].startswith("cli:") for r in records if r["action"] != "audit.export")
+    run = trail("ingest.run")
+    assert run[-2][0] == "started" and str(folder) in run[-2][1]
+    assert run[-1][0] == "ok" and "added 1" in run[-1][1]
+    removed = trail("document.remove")
+    assert [s for s, _ in removed[-4:]] == ["started", "ok", "started", "failed"]
+    assert f"removed documents {doc['id']}" in removed[-3][1] and removed[-1][1].startswith("404 document_not_found")
+    assert [s for s, _ in trail("adapter.promote")[-2:]] == ["started", "failed"]
+    assert trail("adapter.promote")[-1][1].startswith("400 adapter_registry")
+    assert [s for s, _ in trail("adapter.rollback")[-2:]] == ["started", "failed"]
+    created = trail("key.create")
+    assert [s for s, _ in created[-2:]] == ["started", "failed"] and "emperor" in created[-1][1]
 
 
 def test_models_list(cli):

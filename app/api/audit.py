@@ -15,8 +15,8 @@ from app.api.deps import container
 from app.api.errors import ApiError
 from app.container import Container
 from app.logs import REQUEST_ID
+from app.services import outcomes
 from app.services.audit import Actor, AuditService, AuditUnavailable
-from llm.engine import EngineBusy, EngineError, PromptTooLong
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # as the middleware accepts; the column holds 128
 # The public key id inside an API key (enc_<key id>_<secret>); only it is recorded, never the token.
@@ -66,16 +66,10 @@ class AuditTrail:
 
 
 def outcome_of(exc: BaseException) -> tuple[str, str]:
-    """(status, detail) of a failed request: the error code, never its message (it may quote input)."""
-    if isinstance(exc, ApiError):
-        return ("denied" if exc.status_code in (401, 403) else "failed"), f"{exc.status_code} {exc.code or ''}".strip()
-    if isinstance(exc, PromptTooLong):
-        return "failed", "400 context_length_exceeded"
-    if isinstance(exc, EngineBusy):
-        return "failed", "503 server_busy"
-    if isinstance(exc, EngineError):
-        return "error", "502 engine_error"
-    return "error", type(exc).__name__
+    """(status, detail) of a failed request, from the one outcome table (app/services/outcomes.py):
+    the status and error code, never the exception's message (it may quote input)."""
+    outcome = outcomes.outcome_of(exc)
+    return outcome.audit_status, outcome.detail
 
 
 class AuditedAction:

@@ -54,12 +54,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from retrieval.store import KnowledgeBaseError
     from app.backup import BackupError
     from app.services.audit import AuditUnavailable
+    from app.services.documents import DocumentNotFound
     from security.api_keys import ApiKeyError
     from security.audit import AuditError
     from security.tls import TlsError
 
     return (AclError, IngestError, ModelError, KnowledgeBaseError, ApiKeyError, BackupError, TlsError, FileNotFoundError,
-            ValidationError, RuntimeError, AuditError, AuditUnavailable)
+            ValidationError, RuntimeError, AuditError, AuditUnavailable, DocumentNotFound)
 
 
 def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:

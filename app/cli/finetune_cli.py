@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from app.cli.audit_cli import cli_actor
 from app.cli.common import ConfigOption, State, cli_errors, console, out, set_config
 
 app = typer.Typer(help="LoRA fine-tuning: run jobs, list adapters, promote and roll back.", no_args_is_help=True)
@@ -97,7 +98,7 @@ def list_adapters(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
 @cli_errors
 def promote(version: Annotated[str, typer.Argument(help="The adapter version shown by `finetune list`.")]) -> None:
     """Make VERSION the active adapter (servers switch within finetune.poll_seconds, no restart)."""
-    adapter = State.container().finetune_registry.promote(version)
+    adapter = State.container().adapters.promote(cli_actor(), version)
     out.print(f"{adapter.version} is active (previous: {adapter.previous_version or 'base model'})", highlight=False)
 
 
@@ -105,7 +106,7 @@ def promote(version: Annotated[str, typer.Argument(help="The adapter version sho
 @cli_errors
 def rollback() -> None:
     """Retire the active adapter and re-activate the one before it (or the base model)."""
-    retired, active = State.container().finetune_registry.rollback()
+    retired, active = State.container().adapters.rollback(cli_actor())
     out.print(f"retired {retired.version}; now serving {active.version if active else 'the base model'}",
               highlight=False)
 

@@ -14,6 +14,7 @@ from rich.progress import (
 from rich.text import Text
 from rich.table import Table
 
+from app.cli.audit_cli import cli_actor
 from app.cli.common import ConfigOption, State, cli_errors, console, out, set_config
 
 app = typer.Typer(help="Ingest documents into a knowledge base.", no_args_is_help=True)
@@ -70,7 +71,8 @@ def run(
     container = State.container()
     kb = kb or container.settings.default_kb
     progress = RichProgress() if (console.is_terminal and not as_json) else None
-    report = container.pipeline.run(path, kb, _split_groups(groups), delete_missing=not no_delete, progress=progress)
+    report = container.documents.ingest(cli_actor(), path, kb, _split_groups(groups), delete_missing=not no_delete,
+                                        progress=progress)
     if as_json:
         out.print_json(json.dumps(report.as_dict(), ensure_ascii=False))
     else:
@@ -142,13 +144,7 @@ def remove(
     kb: Annotated[str | None, typer.Option("--kb")] = None,
 ) -> None:
     """Remove documents (and their chunks and vectors) from a knowledge base."""
-    container = State.container()
-    kb = kb or container.settings.default_kb
-    container.kb_store.get_kb(kb)
-    removed = container.pipeline.remove(kb, target)
-    if not removed:
-        console.print(f"[bold red]error:[/] no document matches {target!r} in {kb!r}")
-        sys.exit(2)
+    removed = State.container().documents.remove(cli_actor(), target, kb)
     for d in removed:
         out.print(f"removed {d.id} {d.source} ({d.chunk_count} chunks)", highlight=False)
 

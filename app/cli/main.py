@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from app.cli.audit_cli import audit_app, record as audit_record
+from app.cli.audit_cli import audit_app, cli_actor
 from app.cli.common import ConfigOption, State, cli_errors, out, set_config
 from app.cli.common import console as err
 
@@ -132,15 +132,8 @@ def keys_create(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create an API key and print it once; only its keyed hash is stored."""
-    from datetime import timedelta
-
     group_list = [g.strip() for g in (groups or "").split(",") if g.strip()]
-    wanted = f"name {name!r}; role {role}; groups {','.join(group_list)}; kb {kb or '-'}"
-    audit_record("key.create", status="started", knowledge_base=kb, detail=wanted)  # no audit, no key
-    token, info = State.container().api_keys.create(
-        name, role, group_list, kb, timedelta(days=expires_days) if expires_days else None
-    )
-    audit_record("key.create", knowledge_base=kb, detail=f"created key {info.key_id}; {wanted}")
+    token, info = State.container().keys.create(cli_actor(), name, role, group_list, kb, expires_days)
     if as_json:
         out.print_json(json.dumps({"key": token, **_key_dict(info)}, default=str))
         return
@@ -152,7 +145,7 @@ def keys_create(
 @cli_errors
 def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List API keys (ids, roles, groups, expiry; never the keys)."""
-    keys = State.container().api_keys.list()
+    keys = State.container().keys.list(cli_actor())
     if as_json:
         out.print_json(json.dumps([_key_dict(k) for k in keys], default=str))
         return
@@ -168,9 +161,7 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @cli_errors
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id shown by `enclave keys list`.")]) -> None:
     """Revoke an API key immediately."""
-    audit_record("key.revoke", status="started", detail=f"key {key_id[:64]}")
-    info = State.container().api_keys.revoke(key_id)
-    audit_record("key.revoke", detail=f"key {info.key_id}")
+    info = State.container().keys.revoke(cli_actor(), key_id)
     out.print(f"revoked {info.key_id} ({info.name})")
 
 
