@@ -34,6 +34,14 @@ _ID_BATCH = 1000
 class KnowledgeBaseError(Exception):
     """A user-facing problem with a knowledge base (unknown name, embedder mismatch, ...)."""
 
+    http_status = 400
+
+
+class KnowledgeBaseNotFound(KnowledgeBaseError):
+    """No knowledge base of that name."""
+
+    http_status = 404
+
 
 @dataclass
 class DocumentInput:
@@ -143,7 +151,7 @@ class KnowledgeBaseStore:
         with Session(self.engine) as session:
             row = session.get(KnowledgeBaseRow, kb)
         if row is None:
-            raise KnowledgeBaseError(f"unknown knowledge base {kb!r}; ingest documents into it first")
+            raise KnowledgeBaseNotFound(f"unknown knowledge base {kb!r}; ingest documents into it first")
         return row
 
     def list_kbs(self) -> list[str]:
