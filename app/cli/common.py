@@ -70,7 +70,8 @@ def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except user_errors() as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            message = str(exc) or type(exc).__name__  # never a bare "error:"
+            console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
             sys.exit(2)
 
     return wrapper

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -281,12 +282,17 @@ def backup_restore(
     """Verify every file of a backup, then replace the database and data directory with it.
 
     Stop the API processes and ingestion first; start them again afterwards."""
-    from app.backup import restore_backup, verify_backup
+    from app.backup import BackupError, restore_backup, verify_backup
 
     settings = State.container().settings
     verify_backup(path, manifest_sha256)  # a damaged backup is refused before any question
     if not yes:
-        typer.confirm(f"Replace the database and {settings.resolved_data_dir} with the backup in {path}?", abort=True)
+        if not sys.stdin.isatty():
+            raise BackupError("restoring replaces the database and the data directory and needs confirmation: "
+                              "run it in a terminal to be asked, or pass --yes; nothing was changed")
+        if not typer.confirm(f"Replace the database and {settings.resolved_data_dir} with the backup in {path}?"):
+            err.print("nothing was restored", highlight=False)
+            raise typer.Exit(1)
     manifest = restore_backup(settings, path, manifest_sha256)
     db = manifest["database"]
     out.print(f"restored {len(manifest['files'])} files and the {db['kind']} database "
