@@ -44,6 +44,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from app.db import alembic_config, current_revision, make_engine, upgrade
+from app.private import make_private, open_private, private_dir
 from app.settings import Settings
 from security.integrity import sha256_file
 
@@ -151,7 +152,9 @@ def create_backup(settings: Settings, target: Path) -> BackupSummary:
         upgrade(engine)
         revision = current_revision(engine)
         staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-        (staging / "database").mkdir(parents=True)
+        private_dir(staging.parent)
+        staging.mkdir(mode=0o700)
+        (staging / "database").mkdir(mode=0o700)
         try:
             db_path = _sqlite_path(settings.resolved_database_url)
             if db_path is not None:
@@ -163,6 +166,7 @@ def create_backup(settings: Settings, target: Path) -> BackupSummary:
                 copy = staging / "data" / source.relative_to(data_dir)
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, copy)
+            make_private(staging)  # copy2 kept the sources' modes; a backup holds everything
             files = {
                 p.relative_to(staging).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
                 for p in sorted(staging.rglob("*")) if p.is_file()
@@ -174,7 +178,8 @@ def create_backup(settings: Settings, target: Path) -> BackupSummary:
                 "files": files,
             }
             raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
-            (staging / MANIFEST).write_bytes(raw)
+            with open_private(staging / MANIFEST, "wb") as handle:
+                handle.write(raw)
             if target.exists():
                 target.rmdir()
             staging.rename(target)  # the backup appears complete or not at all
@@ -295,7 +300,7 @@ def restore_backup(settings: Settings, path: Path, expect_manifest_sha256: str |
                           "point database_url at the same kind of database")
 
     data_dir = settings.resolved_data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     staging = data_dir / f".restore-{stamp}-{uuid.uuid4().hex[:6]}"
     aside = staging / "previous"
@@ -310,6 +315,7 @@ def restore_backup(settings: Settings, path: Path, expect_manifest_sha256: str |
                     shutil.copytree(entry, incoming / entry.name, copy_function=shutil.copy2)
                 else:
                     shutil.copy2(entry, incoming / entry.name)
+        make_private(incoming)
         # 2. The database: one transaction (PostgreSQL) or SQLite's backup API into the live file.
         if kind == "sqlite":
             _restore_sqlite(path / "database" / "enclave.db", db_path)
@@ -340,7 +346,8 @@ def restore_backup(settings: Settings, path: Path, expect_manifest_sha256: str |
 
 
 def _restore_sqlite(copy: Path, live: Path) -> None:
-    live.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(live.parent)
+    os.close(os.open(live, os.O_RDWR | os.O_CREAT, 0o600))
     src = _read_only(copy)
     dst = sqlite3.connect(str(live), timeout=30)
     try:

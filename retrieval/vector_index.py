@@ -39,6 +39,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents 0700: indexes hold every document's words."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -251,7 +262,7 @@ class IndexDirectory:
         return vectors, lexical, manifest
 
     def publish(self, vectors: VectorIndex, lexical: LexicalIndex, generation: int) -> Manifest:
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path)
         previous = self.manifest()
         version = (previous.version if previous else 0) + 1
         names = (f"vectors-{version:06d}.faiss", f"lexical-{version:06d}.npz")
@@ -281,8 +292,8 @@ class IndexDirectory:
     @contextmanager
     def writer_lock(self, blocking: bool = True) -> Iterator[None]:
         """One writer per knowledge base across processes (released by the OS if we are killed)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "a+") as handle:
+        private_dirs(self.path)
+        with os.fdopen(os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+") as handle:
             flags = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
             try:
                 fcntl.flock(handle, flags)

@@ -5,7 +5,10 @@ index files."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,9 +19,10 @@ import sqlalchemy as sa
 import uvicorn
 
 from app.api.app import create_app
+from app.backup import create_backup
 from app.container import Container
 from app.settings import Settings
-from tests.conftest import SAMPLES, MemoEmbedder
+from tests.conftest import REPO, SAMPLES, MemoEmbedder
 
 
 def _free_port() -> int:
@@ -86,6 +90,93 @@ def test_a_failed_database_write_logs_no_question(tmp_path: Path, models_dir: Pa
         assert "Quarterfield" not in reply.text
     logged = "\n".join(caplog.text.splitlines() + [r.getMessage() for r in caplog.records])
     assert "message store unavailable" in logged  # the failure itself is logged, with its SQL
+    # Once per request (it used to be logged again by uvicorn, which then dropped the connection).
+    assert sum(r.getMessage().startswith("unhandled error on POST") for r in caplog.records) == len(replies)
+    assert not any("Exception in ASGI application" in r.getMessage() for r in caplog.records)
     captured = capfd.readouterr()
     for where in (logged, captured.err, captured.out):
         assert "Quarterfield" not in where and "Wilhelmina" not in where
+
+
+# --- B. private files whatever the umask ----------------------------------------------------------
+
+def _loose(root: Path) -> list[str]:
+    """Every folder not 0700 and file not 0600 under root, root included."""
+    bad = []
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        if mode != (0o700 if path.is_dir() else 0o600):
+            bad.append(f"{path.relative_to(root.parent)} {mode:04o}")
+    return bad
+
+
+@pytest.fixture
+def permissive_umask():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.slow
+def test_everything_written_is_private_whatever_the_umask(tmp_path: Path, models_dir: Path, embedder,
+                                                          permissive_umask):
+    data = tmp_path / "site" / "var"  # two folders to create
+    # The libraries on their own (an embedding application keeps its umask 022): ingest.
+    container = _container(data, models_dir, embedder)
+    container.pipeline.run(SAMPLES / "hr", "default")
+    token, _ = container.api_keys.create("ops", "admin")
+    assert (data / "enclave.db-wal").exists() and (data / "indexes" / "default" / ".lock").exists()
+    assert _loose(data) == [] and (tmp_path / "site").stat().st_mode & 0o777 == 0o700
+
+    create_backup(container.settings, tmp_path / "backups" / "BK")
+    assert _loose(tmp_path / "backups" / "BK") == []
+    assert (tmp_path / "backups").stat().st_mode & 0o777 == 0o700
+    container.engine.dispose()
+
+    # The server: a fresh data directory made by its container start, then an upload.
+    os.umask(0o022)
+    fresh = tmp_path / "served"
+    server = _container(fresh, models_dir, embedder)
+    with Served(server) as served, httpx.Client(base_url=served.base, timeout=300,
+                                                headers={"Authorization": f"Bearer {server.api_keys.create('a', 'admin')[0]}"}) as admin:
+        up = admin.post("/v1/knowledge_bases/default/documents",
+                        files={"file": ("parking.md", b"# Parking\n\nVisitor passes are issued at the front desk.\n")})
+        assert up.status_code == 201, up.text
+    assert (fresh / "uploads" / "default" / "parking.md").is_file()
+    assert _loose(fresh) == []
+
+    # The console scripts as operators run them, from a shell with umask 022.
+    os.umask(0o022)
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data), "ENCLAVE_MODELS_DIR": str(models_dir), "PYTHONPATH": str(REPO)}
+    for name in ("ENCLAVE_CONFIG", "ENCLAVE_DATABASE_URL"):
+        env.pop(name, None)
+    subprocess.run([sys.executable, "-m", "app.cli.main", "audit", "export", "--out", str(tmp_path / "audit.jsonl")],
+                   env=env, check=True, capture_output=True, timeout=600)
+    assert (tmp_path / "audit.jsonl").stat().st_mode & 0o777 == 0o600
+    subprocess.run([sys.executable, "-m", "app.cli.ingest_cli", "run", str(SAMPLES / "leave-policy.md"), "--kb", "second"],
+                   env=env, check=True, capture_output=True, timeout=600)
+    assert _loose(data) == []
+
+
+@pytest.mark.slow
+def test_serve_warns_when_the_data_directory_is_readable_by_others(tmp_path: Path, models_dir: Path, embedder):
+    data = tmp_path / "var"
+    container = _container(data, models_dir, embedder)
+    container.api_keys.create("ops", "admin")
+    container.engine.dispose()
+    os.chmod(data, 0o755)
+    os.chmod(data / "enclave.db", 0o644)
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(data), "ENCLAVE_MODELS_DIR": str(models_dir), "PYTHONPATH": str(REPO)}
+    for name in ("ENCLAVE_CONFIG", "ENCLAVE_DATABASE_URL"):
+        env.pop(name, None)
+    with socket.socket() as busy:  # the server warns, starts, cannot bind this port and exits
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = subprocess.run([sys.executable, "-m", "app.cli.main", "serve", "--port", str(busy.getsockname()[1])],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    text = proc.stderr.replace("\n", " ")
+    assert f"warning: {data} has mode 0755" in text and f"{data / 'enclave.db'} has mode 0644" in text, text
+    assert '"level": "WARNING", "logger": "enclave.serve"' in text  # the log has it too

@@ -43,6 +43,9 @@ class State:
 
 
 def set_config(config: Path | None) -> None:
+    from app.private import use_private_umask
+
+    use_private_umask()  # every console script: what it writes is the service account's only
     State.config = config
     State._container = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -189,10 +190,13 @@ def serve(
     """Run the API and web pages under uvicorn (TLS 1.3 only when server.tls_certfile/keyfile are set;
     mutual TLS with server.tls_client_ca)."""
     from app.logs import configure_logging
-    from app.serving import is_loopback, is_unspecified, run, uvicorn_config
+    from app.serving import exposed_storage, is_loopback, is_unspecified, run, uvicorn_config
 
     settings = State.container().settings
     configure_logging(settings.logging.format, settings.logging.level)
+    for line in exposed_storage(settings):
+        logging.getLogger("enclave.serve").warning("%s", line)
+        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     cfg = settings.server
     config = uvicorn_config(settings, host=host, port=port, workers=workers)
     scheme = "https" if cfg.tls_certfile else "http"
