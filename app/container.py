@@ -126,6 +126,12 @@ class Container:
         )
 
     @cached_property
+    def readiness(self):
+        from app.services.readiness import Readiness
+
+        return Readiness(self.engine, self.kb_store)
+
+    @cached_property
     def kb_store(self) -> KnowledgeBaseStore:
         cfg = self.settings.retrieval
         return KnowledgeBaseStore(

@@ -4,6 +4,7 @@ index files."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -180,3 +181,78 @@ def test_serve_warns_when_the_data_directory_is_readable_by_others(tmp_path: Pat
     text = proc.stderr.replace("\n", " ")
     assert f"warning: {data} has mode 0755" in text and f"{data / 'enclave.db'} has mode 0644" in text, text
     assert '"level": "WARNING", "logger": "enclave.serve"' in text  # the log has it too
+
+
+# --- D. readiness that tells the truth ------------------------------------------------------------
+
+def _search(client: httpx.Client, kb: str) -> httpx.Response:
+    return client.post("/v1/search", json={"query": "annual leave days", "knowledge_base": kb, "top_k": 3})
+
+
+@pytest.mark.slow
+def test_a_damaged_index_makes_only_its_knowledge_base_unavailable(tmp_path: Path, models_dir: Path, embedder):
+    data = tmp_path / "var"
+    container = _container(data, models_dir, embedder)
+    container.pipeline.run(SAMPLES / "leave-policy.md", "default")
+    container.pipeline.run(SAMPLES / "leave-policy.md", "other")
+    token, _ = container.api_keys.create("ops", "admin")
+    manifest = json.loads((data / "indexes" / "other" / "manifest.json").read_text())
+    assert set(manifest["sha256"]) == {manifest["vectors"], manifest["lexical"]}
+    with Served(container) as served, httpx.Client(base_url=served.base, timeout=300,
+                                                   headers={"Authorization": f"Bearer {token}"}) as client:
+        ready = httpx.get(f"{served.base}/readyz").json()
+        assert ready["status"] == "ready" and ready["unavailable_knowledge_bases"] == {}, ready
+        before = _search(client, "other").json()["results"]
+        assert before
+
+        # Overwrite a few bytes of the vectors (the id map lives in the same file).
+        victim = data / "indexes" / "other" / manifest["vectors"]
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2: len(raw) // 2 + 8] = b"\x00" * 8
+        victim.write_bytes(bytes(raw))
+        ready = httpx.get(f"{served.base}/readyz")
+        assert ready.status_code == 200  # the other knowledge bases keep the service ready
+        assert set(ready.json()["unavailable_knowledge_bases"]) == {"other"}
+        assert "sha256" in ready.json()["unavailable_knowledge_bases"]["other"]
+        refused = _search(client, "other")
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "knowledge_base_unavailable"
+        assert "ingest run" in refused.json()["error"]["message"]
+        assert _search(client, "default").json()["results"]
+
+        # The next ingest into it rebuilds the index from the database.
+        container.pipeline.run(SAMPLES / "leave-policy.md", "other")
+        assert httpx.get(f"{served.base}/readyz").json()["unavailable_knowledge_bases"] == {}
+        after = _search(client, "other").json()["results"]
+        assert [(h["chunk_id"], round(h["score"], 5)) for h in after] == [(h["chunk_id"], round(h["score"], 5)) for h in before]
+
+
+def test_readiness_fails_on_a_read_only_or_corrupted_database(tmp_path: Path, models_dir: Path, embedder):
+    from app.db import make_engine
+    from app.services.readiness import Readiness
+
+    data = tmp_path / "var"
+    container = _container(data, models_dir, embedder)
+    container.pipeline.run(SAMPLES / "hr", "default")
+    assert container.readiness.database() == "ok"
+    # Read-only: the tests may run as root, where chmod does not stop writes, so the database is
+    # opened through SQLite's read-only URI mode, which refuses writes as a read-only file does.
+    url = f"sqlite:///file:{data / 'enclave.db'}?mode=ro&uri=true"
+    read_only = Readiness(make_engine(url), container.kb_store)
+    state = read_only.database()
+    assert state.startswith("error") and "readonly" in state, state
+    read_only.engine.dispose()
+    container.engine.dispose()
+
+    # One page of the file overwritten: the database answers SELECT 1 but fails its quick check.
+    db = data / "enclave.db"
+    raw = bytearray(db.read_bytes())
+    page = 4096
+    middle = len(raw) - page  # the last page: rows, not the schema that every statement reads
+    raw[middle: middle + page] = bytes(range(256)) * (page // 256)
+    db.write_bytes(bytes(raw))
+    engine = make_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    state = Readiness(engine, container.kb_store).database()
+    assert state.startswith("error"), state
+    engine.dispose()

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm.engine import EngineBusy, EngineError, PromptTooLong
-from retrieval.store import KnowledgeBaseError
+from retrieval.store import KnowledgeBaseError, KnowledgeBaseUnavailable
 
 log = logging.getLogger("enclave.api")
 
@@ -136,6 +136,11 @@ def install(app: FastAPI, on_denied: Callable[[Request, ApiError], None] | None 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError):
         return error_response(502, f"generation failed: {exc}", "engine_error")
+
+    @app.exception_handler(KnowledgeBaseUnavailable)
+    async def _kb_unavailable(_: Request, exc: KnowledgeBaseUnavailable):
+        log.error("%s", exc)
+        return error_response(503, str(exc), "knowledge_base_unavailable")
 
     @app.exception_handler(KnowledgeBaseError)
     async def _kb(_: Request, exc: KnowledgeBaseError):
