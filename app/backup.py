@@ -44,6 +44,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from app.db import alembic_config, current_revision, make_engine, upgrade
+from app.private import make_private, open_private, private_dir
 from app.settings import Settings
 from security.integrity import sha256_file
 
@@ -151,7 +152,9 @@ def create_backup(settings: Settings, target: Path) -> BackupSummary:
         upgrade(engine)
         revision = current_revision(engine)
         staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-        (staging / "database").mkdir(parents=True)
+        private_dir(staging.parent)
+        staging.mkdir(mode=0o700)
+        (staging / "database").mkdir(mode=0o700)
         try:
             db_path = _sqlite_path(settings.resolved_database_url)
             if db_path is not None:
@@ -163,6 +166,7 @@ def create_backup(settings: Settings, target: Path) -> BackupSummary:
                 copy = staging / "data" / source.relative_to(data_dir)
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, copy)
+            make_private(staging)  # copy2 kept the sources' modes; a backup holds everything
             files = {
                 p.relative_to(staging).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
                 for p in sorted(staging.rglob("*")) if p.is_file()
@@ -174,7 +178,8 @@ def create_backup(settings: Settings, target: Path) -> BackupSummary:
                 "files": files,
             }
             raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
-            (staging / MANIFEST).write_bytes(raw)
+            with open_private(staging / MANIFEST, "wb") as handle:
+                handle.write(raw)
             if target.exists():
                 target.rmdir()
             staging.rename(target)  # the backup appears complete or not at all
@@ -187,11 +192,21 @@ def create_backup(settings: Settings, target: Path) -> BackupSummary:
                          hashlib.sha256(raw).hexdigest(), tables)
 
 
+def _read_only(copy: Path) -> sqlite3.Connection:
+    """A connection to a SQLite file that is only read: `immutable=1` takes no locks and never
+    creates (or reads) -wal/-shm side files, which would otherwise appear next to a backup copy
+    kept in WAL mode and make it differ from its manifest."""
+    return sqlite3.connect(f"{copy.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+
+
 def _backup_sqlite(source: Path, copy: Path) -> dict[str, int]:
     src = sqlite3.connect(str(source), timeout=30)
     dst = sqlite3.connect(str(copy))
     try:
         src.backup(dst)  # SQLite's online backup API: consistent while others read and write
+        # The copy inherits the live file's WAL mode; a rollback-journal file is one self-contained
+        # file that any later open leaves alone.
+        dst.execute("PRAGMA journal_mode=DELETE")
         names = [r[0] for r in dst.execute(
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' AND name != 'alembic_version'")]
         return {n: dst.execute(f'SELECT COUNT(*) FROM "{n}"').fetchone()[0] for n in sorted(names)}
@@ -220,6 +235,18 @@ def _dump_tables(engine: sa.Engine, folder: Path) -> dict[str, int]:
 
 # --- verify ---------------------------------------------------------------------------------------
 
+def _stale_side_files(path: Path, files: dict) -> set[str]:
+    """The -shm and empty -wal that verifying a backup of an earlier version left next to its
+    WAL-mode SQLite copy. They are never read (the copy is opened immutable), so they are ignored;
+    a -wal with content is not, as it would mean pages the manifest does not cover."""
+    if "database/enclave.db" not in files:
+        return set()
+    wal = path / "database" / "enclave.db-wal"
+    if wal.exists() and wal.stat().st_size:
+        return set()
+    return {"database/enclave.db-shm", "database/enclave.db-wal"}
+
+
 def verify_backup(path: Path, expect_manifest_sha256: str | None = None) -> dict:
     """The manifest, once every file matches it; BackupError naming the first problem otherwise."""
     path = Path(path).expanduser().resolve()
@@ -237,7 +264,7 @@ def verify_backup(path: Path, expect_manifest_sha256: str | None = None) -> dict
         raise BackupError(f"{path}: unknown backup format {manifest.get('format')!r} {manifest.get('format_version')!r}")
     files: dict = manifest.get("files") or {}
     present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
-    extra = sorted(present - set(files))
+    extra = sorted(present - set(files) - _stale_side_files(path, files))
     if extra:
         raise BackupError(f"refusing to restore: {extra[0]} is in the backup but not in its manifest (tampered with?)")
     for name, meta in sorted(files.items()):
@@ -251,7 +278,7 @@ def verify_backup(path: Path, expect_manifest_sha256: str | None = None) -> dict
                               "(the backup is damaged or was tampered with); nothing was changed")
     kind = manifest["database"]["kind"]
     if kind == "sqlite":
-        con = sqlite3.connect(f"file:{path / 'database' / 'enclave.db'}?mode=ro", uri=True)
+        con = _read_only(path / "database" / "enclave.db")
         try:
             if con.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
                 raise BackupError("refusing to restore: the SQLite copy fails its integrity check")
@@ -273,7 +300,7 @@ def restore_backup(settings: Settings, path: Path, expect_manifest_sha256: str |
                           "point database_url at the same kind of database")
 
     data_dir = settings.resolved_data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     staging = data_dir / f".restore-{stamp}-{uuid.uuid4().hex[:6]}"
     aside = staging / "previous"
@@ -288,6 +315,7 @@ def restore_backup(settings: Settings, path: Path, expect_manifest_sha256: str |
                     shutil.copytree(entry, incoming / entry.name, copy_function=shutil.copy2)
                 else:
                     shutil.copy2(entry, incoming / entry.name)
+        make_private(incoming)
         # 2. The database: one transaction (PostgreSQL) or SQLite's backup API into the live file.
         if kind == "sqlite":
             _restore_sqlite(path / "database" / "enclave.db", db_path)
@@ -318,8 +346,9 @@ def restore_backup(settings: Settings, path: Path, expect_manifest_sha256: str |
 
 
 def _restore_sqlite(copy: Path, live: Path) -> None:
-    live.parent.mkdir(parents=True, exist_ok=True)
-    src = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    private_dir(live.parent)
+    os.close(os.open(live, os.O_RDWR | os.O_CREAT, 0o600))
+    src = _read_only(copy)
     dst = sqlite3.connect(str(live), timeout=30)
     try:
         src.backup(dst)  # replaces the live database's pages in one go

@@ -10,6 +10,7 @@ from pathlib import Path
 from app import metrics
 from app.conversations import ConversationStore
 from app.db import make_engine, upgrade
+from app.private import private_dir
 from app.services.chat import AnswerOptions, ChatService
 from app.settings import Settings
 from ingest.chunking import Chunker
@@ -32,6 +33,7 @@ class Container:
 
     @cached_property
     def engine(self):
+        private_dir(self.settings.resolved_data_dir)
         engine = make_engine(self.settings.resolved_database_url)
         upgrade(engine)  # schema created on first start, migrated on upgrades
         return engine
@@ -73,7 +75,7 @@ class Container:
             return configured.get_secret_value().encode()
         path = self.settings.resolved_data_dir / "secrets" / "api-key.secret"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(path.parent)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never world-readable
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_urlsafe(48))
@@ -122,6 +124,12 @@ class Container:
             resolved.path, name=cfg.model, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
             batch_size=cfg.batch_size, device=cfg.device,
         )
+
+    @cached_property
+    def readiness(self):
+        from app.services.readiness import Readiness
+
+        return Readiness(self.engine, self.kb_store)
 
     @cached_property
     def kb_store(self) -> KnowledgeBaseStore:

@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import logging
 import ssl
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -25,6 +26,20 @@ log = logging.getLogger("enclave.api")
 def _ssl_factory(certfile: str, keyfile: str, client_ca: str | None, _config: uvicorn.Config,
                  _default: Any) -> ssl.SSLContext:
     return server_context(certfile, keyfile, client_ca)
+
+
+def exposed_storage(settings: Settings) -> list[str]:
+    """Warnings for a data directory or SQLite database that other accounts may read."""
+    from sqlalchemy.engine import make_url
+
+    from app.private import exposed
+
+    paths = [settings.resolved_data_dir]
+    url = make_url(settings.resolved_database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        db = Path(url.database)
+        paths += [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+    return exposed(paths)
 
 
 def is_loopback(host: str) -> bool:

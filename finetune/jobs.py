@@ -231,7 +231,8 @@ def _run(config, registry, feedback, synthetic_chunks, redact, say, progress) ->
 
     version = registry.next_version()
     folder = data_dir / "adapters" / version
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.mkdir(exist_ok=True, mode=0o700)
     adapter_dir = folder / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.move(str(result.adapter_dir), adapter_dir)

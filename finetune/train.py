@@ -253,7 +253,7 @@ def train(
 
     if not data:
         raise TrainingError("no training examples")
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     device = next(peft_model.parameters()).device
     per_epoch = math.ceil(len(data) / config.batch_size)
     steps_per_epoch = math.ceil(per_epoch / config.grad_accum_steps)
@@ -320,11 +320,23 @@ def train(
     tmp = work_dir / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(tmp)
+    _private_tree(tmp)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
     last_epoch = losses[-steps_per_epoch:]
     return TrainResult(adapter_dir, total, resumed_from, sum(last_epoch) / len(last_epoch),
                        time.monotonic() - started, losses=losses)
+
+
+def _private_tree(root: Path) -> None:
+    """Adapters are trained on users' questions and answers: folders 0700, files 0600, whatever
+    the umask (peft and torch write with the process default)."""
+    os.chmod(root, 0o700)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o700)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o600)
 
 
 def _save_checkpoint(peft_model, optimizer, scheduler, checkpoint: Path, step, total, examples, losses) -> None:
@@ -342,6 +354,7 @@ def _save_checkpoint(peft_model, optimizer, scheduler, checkpoint: Path, step, t
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "total_steps": total, "examples": examples,
                                                 "losses": losses}))
+    _private_tree(tmp)
     _fsync_dir(tmp)
     old = checkpoint.with_name("checkpoint.old")
     shutil.rmtree(old, ignore_errors=True)

@@ -26,7 +26,7 @@ from retrieval.embedder import Embedder
 from retrieval.store import KnowledgeBaseStore
 from retrieval.tables import ChunkRow, DocumentRow, decode_groups
 from retrieval.text_analysis import mostly_cjk, tokenize
-from retrieval.vector_index import IdFilter, Manifest
+from retrieval.vector_index import IdFilter
 from security.principal import Principal
 
 Mode = Literal["hybrid", "dense", "bm25"]
@@ -200,7 +200,7 @@ class Retriever:
     # Knowledge-base snapshots ---------------------------------------------------------------
     def snapshot(self, kb: str) -> _Snapshot:
         """The loaded knowledge base, reloaded when a newer index version has been published."""
-        manifest = Manifest.read(self.store.directory(kb).path)
+        manifest = self.store.published(kb)
         version = manifest.version if manifest else None
         current = self._snapshots.get(kb)
         if current is not None and current.version == version:

@@ -11,6 +11,7 @@ kept as an orphan.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,9 +27,10 @@ from sqlmodel import Session, select
 from retrieval.tables import ChunkRow, DocumentRow, IngestRunRow, KnowledgeBaseRow, encode_groups, utcnow
 from retrieval.lexical import LexicalIndex
 from retrieval.text_analysis import tokenize
-from retrieval.vector_index import IndexDirectory, Manifest, VectorIndex
+from retrieval.vector_index import IndexCorrupted, IndexDirectory, Manifest, VectorIndex
 
 _ID_BATCH = 1000
+log = logging.getLogger(__name__)
 
 
 class KnowledgeBaseError(Exception):
@@ -41,6 +43,16 @@ class KnowledgeBaseNotFound(KnowledgeBaseError):
     """No knowledge base of that name."""
 
     http_status = 404
+
+
+class KnowledgeBaseUnavailable(KnowledgeBaseError):
+    """The knowledge base's index files are damaged: it cannot be searched until they are rebuilt
+    (the next ingest into it rebuilds them from the database). Other knowledge bases are unaffected."""
+
+    def __init__(self, kb: str, reason: str):
+        super().__init__(f"knowledge base {kb!r} is unavailable: {reason}; an administrator can rebuild it "
+                         f"with `ingest run PATH --kb {kb}` (the index is rebuilt from the database)")
+        self.kb, self.reason = kb, reason
 
 
 @dataclass
@@ -121,10 +133,30 @@ class KnowledgeBaseStore:
         self.dimension = dimension
         self.approximate_from = approximate_from  # switch FAISS to IVF at this many chunks
         self.nprobe = nprobe
+        self._directories: dict[str, IndexDirectory] = {}
 
     # Knowledge bases -------------------------------------------------------------------------
     def directory(self, kb: str) -> IndexDirectory:
-        return IndexDirectory(self.index_root / kb)
+        if kb in self._directories:
+            return self._directories[kb]
+        directory = IndexDirectory(self.index_root / kb)
+        if directory.path.is_dir():  # kept (it remembers the files it verified); not for any name asked
+            self._directories[kb] = directory
+        return directory
+
+    def published(self, kb: str) -> Manifest | None:
+        """The manifest in use, once its files pass their check; KnowledgeBaseUnavailable otherwise
+        (also for files overwritten after a process loaded them: what it serves would not survive
+        a restart, and readiness reports the knowledge base)."""
+        directory = self.directory(kb)
+        reason = directory.verify()
+        if reason:
+            raise KnowledgeBaseUnavailable(kb, reason)
+        return directory.manifest()
+
+    def damaged(self) -> dict[str, str]:
+        """Knowledge bases whose published index files fail their check, with the reason."""
+        return {kb: reason for kb in self.list_kbs() if (reason := self.directory(kb).verify())}
 
     def ensure_kb(self, kb: str) -> KnowledgeBaseRow:
         _check_name(kb)
@@ -238,7 +270,10 @@ class KnowledgeBaseStore:
     def load_indexes(self, kb: str) -> tuple[VectorIndex, LexicalIndex, Manifest | None]:
         """A reader's view: the published indexes, brought up to date with the rows in memory."""
         row = self.get_kb(kb)
-        vectors, lexical, manifest = self.directory(kb).load(self.dimension, self.nprobe)
+        try:
+            vectors, lexical, manifest = self.directory(kb).load(self.dimension, self.nprobe)
+        except IndexCorrupted as exc:
+            raise KnowledgeBaseUnavailable(kb, str(exc)) from exc
         if manifest is None or manifest.generation != row.generation:
             self._reconcile(kb, vectors, lexical)
         return vectors, lexical, manifest
@@ -272,7 +307,11 @@ class KnowledgeBaseStore:
         self.ensure_kb(kb)
         directory = self.directory(kb)
         with directory.writer_lock():
-            vectors, lexical, manifest = directory.load(self.dimension, self.nprobe)
+            try:
+                vectors, lexical, manifest = directory.load(self.dimension, self.nprobe)
+            except IndexCorrupted as exc:  # rebuilt from the rows below (they hold every vector)
+                log.warning("knowledge base %s: %s; rebuilding its index from the database", kb, exc)
+                vectors, lexical, manifest = VectorIndex(self.dimension, nprobe=self.nprobe), LexicalIndex(), None
             writer = KnowledgeBaseWriter(self, kb, vectors, lexical, directory, checkpoint_seconds)
             if self._reconcile(kb, vectors, lexical) or manifest is None:
                 writer.dirty = True

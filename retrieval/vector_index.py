@@ -15,12 +15,13 @@ between its database commit and its publish) back in line.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -31,12 +32,27 @@ from retrieval.lexical import LexicalIndex
 MANIFEST = "manifest.json"
 
 
+class IndexCorrupted(Exception):
+    """A published index file is missing, differs from its sha256 in the manifest, or cannot be read."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents 0700: indexes hold every document's words."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -64,6 +80,7 @@ class Manifest:
     generation: int  # the database generation this index reflects
     kind: str = "flat"  # flat (exact) | ivf (approximate)
     trained_size: int = 0  # IVF: vectors it was trained on
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> hash (absent in older manifests)
 
     @classmethod
     def read(cls, directory: Path) -> "Manifest | None":
@@ -72,6 +89,8 @@ class Manifest:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
             return None
+        except (ValueError, TypeError) as exc:
+            raise IndexCorrupted(f"{MANIFEST} cannot be read ({type(exc).__name__})") from None
 
 
 class IdFilter:
@@ -236,29 +255,71 @@ class IndexDirectory:
 
     def __init__(self, path: Path):
         self.path = path
+        self._verified: set[tuple] = set()
 
     def manifest(self) -> Manifest | None:
         return Manifest.read(self.path)
 
+    def _read_verified(self, manifest: Manifest, name: str) -> bytes:
+        try:
+            data = (self.path / name).read_bytes()
+        except FileNotFoundError:
+            raise IndexCorrupted(f"index file {name} is missing") from None
+        expected = manifest.sha256.get(name)
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise IndexCorrupted(f"index file {name} does not match its sha256 in the manifest")
+        return data
+
     def load(self, dimension: int, nprobe: int = 64) -> tuple[VectorIndex, LexicalIndex, Manifest | None]:
+        """The published indexes, each file checked against its sha256; IndexCorrupted otherwise
+        (an overwritten vector or id map would silently change scores or drop results)."""
         manifest = self.manifest()
         if manifest is None:
             return VectorIndex(dimension, nprobe=nprobe), LexicalIndex(), None
-        vectors = VectorIndex.deserialize(
-            (self.path / manifest.vectors).read_bytes(), dimension, nprobe, manifest.trained_size
-        )
-        lexical = LexicalIndex.deserialize((self.path / manifest.lexical).read_bytes())
+        raw_vectors = self._read_verified(manifest, manifest.vectors)
+        raw_lexical = self._read_verified(manifest, manifest.lexical)
+        try:
+            vectors = VectorIndex.deserialize(raw_vectors, dimension, nprobe, manifest.trained_size)
+            lexical = LexicalIndex.deserialize(raw_lexical)
+        except Exception as exc:  # FAISS and numpy raise many kinds on damaged bytes
+            raise IndexCorrupted(f"index files of version {manifest.version} cannot be read: {exc}") from exc
         return vectors, lexical, manifest
 
+    def verify(self) -> str | None:
+        """What is wrong with the published files, or None. Hashes are remembered per file size and
+        modification time, so a readiness probe re-reads only files that changed."""
+        try:
+            manifest = self.manifest()
+            if manifest is None:
+                return None
+            for name in (manifest.vectors, manifest.lexical):
+                try:
+                    info = (self.path / name).stat()
+                except FileNotFoundError:
+                    raise IndexCorrupted(f"index file {name} is missing") from None
+                key = (name, info.st_size, info.st_mtime_ns, manifest.sha256.get(name))
+                if key not in self._verified:
+                    self._read_verified(manifest, name)
+                    self._verified = {k for k in self._verified if k[0] != name} | {key}
+        except IndexCorrupted as exc:
+            return str(exc)
+        return None
+
     def publish(self, vectors: VectorIndex, lexical: LexicalIndex, generation: int) -> Manifest:
-        self.path.mkdir(parents=True, exist_ok=True)
-        previous = self.manifest()
+        private_dirs(self.path)
+        try:
+            previous = self.manifest()
+        except IndexCorrupted:  # replaced by this version
+            previous = None
         version = (previous.version if previous else 0) + 1
         names = (f"vectors-{version:06d}.faiss", f"lexical-{version:06d}.npz")
-        write_atomic(self.path / names[0], vectors.serialize())
-        write_atomic(self.path / names[1], lexical.serialize())
+        hashes = {}
+        for name, data in zip(names, (vectors.serialize(), lexical.serialize())):
+            write_atomic(self.path / name, data)
+            hashes[name] = hashlib.sha256(data).hexdigest()
         manifest = Manifest(
-            version, names[0], names[1], len(vectors), vectors.dimension, generation, vectors.kind, vectors.trained_size
+            version, names[0], names[1], len(vectors), vectors.dimension, generation, vectors.kind, vectors.trained_size,
+            hashes,
         )
         write_atomic(self.path / MANIFEST, json.dumps(manifest.__dict__, indent=2).encode())
         self._prune(keep={*names, *((previous.vectors, previous.lexical) if previous else ())})
@@ -281,8 +342,8 @@ class IndexDirectory:
     @contextmanager
     def writer_lock(self, blocking: bool = True) -> Iterator[None]:
         """One writer per knowledge base across processes (released by the OS if we are killed)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "a+") as handle:
+        private_dirs(self.path)
+        with os.fdopen(os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+") as handle:
             flags = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
             try:
                 fcntl.flock(handle, flags)

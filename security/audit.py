@@ -308,7 +308,8 @@ class AuditLog:
     def _sqlite_writer(engine: Engine) -> Engine:
         """A second engine on the same SQLite file whose transactions start with BEGIN IMMEDIATE
         (SQLAlchemy's documented recipe: the driver's own deferred BEGIN is switched off)."""
-        writer = sa.create_engine(engine.url, connect_args={"check_same_thread": False, "timeout": 30})
+        writer = sa.create_engine(engine.url, connect_args={"check_same_thread": False, "timeout": 30},
+                                  hide_parameters=True)  # query text and answers are bound values
 
         @event.listens_for(writer, "connect")
         def _connect(dbapi_connection, _record):

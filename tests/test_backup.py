@@ -134,3 +134,80 @@ def test_tampered_backup_is_refused_and_nothing_changes(tmp_path: Path, models_d
     result = CliRunner().invoke(cli, ["backup", "restore", str(backup), "--yes"],
                                 env={"ENCLAVE_DATA_DIR": str(data), "ENCLAVE_MODELS_DIR": str(models_dir)})
     assert result.exit_code == 2 and "does not match its sha256" in result.output
+
+
+@pytest.mark.slow
+def test_cli_backup_and_restore_as_an_operator_types_them(tmp_path: Path, database_url: str, models_dir: Path):
+    """`enclave keys create`, `backup create`, then `backup restore` into another data directory
+    and back into the first one, each a real process, on SQLite (the default file inside the data
+    directory) and on PostgreSQL. A fresh backup used to be refused because verifying its WAL-mode
+    SQLite copy left -shm/-wal files next to it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    first, other, backup = tmp_path / "var", tmp_path / "other", tmp_path / "BK"
+    sqlite = database_url.startswith("sqlite")
+
+    def enclave(data_dir: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+        env = {**os.environ, "ENCLAVE_DATA_DIR": str(data_dir), "ENCLAVE_MODELS_DIR": str(models_dir),
+               "PYTHONPATH": str(REPO)}
+        env.pop("ENCLAVE_CONFIG", None)
+        env.pop("ENCLAVE_DATABASE_URL", None)
+        if not sqlite:
+            env["ENCLAVE_DATABASE_URL"] = database_url
+        proc = subprocess.run([sys.executable, "-m", "app.cli.main", *args], cwd=tmp_path, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == expect, f"{args}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def key_names(data_dir: Path) -> set[str]:
+        return {k["name"] for k in json.loads(enclave(data_dir, "keys", "list", "--json").stdout)}
+
+    token = json.loads(enclave(first, "keys", "create", "x", "--role", "admin", "--json").stdout)["key"]
+    enclave(first, "backup", "create", "BK")
+    assert sorted(p.relative_to(backup).as_posix() for p in (backup / "database").iterdir()) == (
+        ["database/enclave.db"] if sqlite else sorted(f"database/{p.name}" for p in (backup / "database").glob("*.jsonl")))
+    enclave(first, "keys", "create", "after-backup", "--role", "user")
+
+    # Without a terminal and without --yes: a sentence saying what is missing, nothing changed.
+    refused = enclave(other, "backup", "restore", "BK", expect=2)
+    assert "confirmation" in refused.stderr and "--yes" in refused.stderr
+    assert key_names(first) == {"x", "after-backup"}
+
+    enclave(other, "backup", "restore", "BK", "--yes")
+    listed = {p.relative_to(backup).as_posix() for p in backup.rglob("*") if p.is_file()}
+    assert listed == set(json.loads((backup / "manifest.json").read_text())["files"]) | {"manifest.json"}
+    assert key_names(other) == {"x"}
+    settings = Settings(data_dir=other, database_url=database_url if not sqlite else f"sqlite:///{other / 'enclave.db'}",
+                        models_dir=models_dir)
+    container = Container(settings)
+    assert container.api_keys.authenticate(token) is not None  # the keyed-hash secret came back too
+    container.engine.dispose()
+    enclave(other, "audit", "verify")
+
+    # The same backup again, into the first installation: the key made after the backup is gone.
+    enclave(first, "backup", "restore", "BK", "--yes")
+    assert key_names(first) == {"x"}
+
+
+def test_side_files_of_an_earlier_verification_are_ignored_but_a_wal_with_pages_is_not(tmp_path: Path, models_dir: Path):
+    """Backups verified by an earlier version carry an -shm and an empty -wal beside their SQLite
+    copy; they are never read (the copy is opened immutable). A -wal holding pages is refused."""
+    data = tmp_path / "var"
+    settings = Settings(data_dir=data, models_dir=models_dir)
+    Container(settings).api_keys.create("ops", "admin")
+    create_backup(settings, tmp_path / "backup")
+    database = tmp_path / "backup" / "database"
+    assert sorted(p.name for p in database.iterdir()) == ["enclave.db"]
+    restore_backup(settings, tmp_path / "backup")
+    assert sorted(p.name for p in database.iterdir()) == ["enclave.db"]  # verifying left nothing behind
+
+    (database / "enclave.db-shm").write_bytes(b"\0" * 32768)
+    (database / "enclave.db-wal").write_bytes(b"")
+    restore_backup(settings, tmp_path / "backup")
+    (database / "enclave.db-wal").write_bytes(b"\x37\x7f\x06\x82" + b"\0" * 28)
+    with pytest.raises(BackupError, match="enclave.db-shm is in the backup but not in its manifest"):
+        restore_backup(settings, tmp_path / "backup")

@@ -19,6 +19,7 @@ from app.api.audit import record_denial
 from app.api.middleware import RequestContextMiddleware
 from app.api.routers import admin, chat, health, metrics, models, search
 from app.container import Container
+from app.private import use_private_umask
 from app.settings import Settings
 
 log = logging.getLogger("enclave.api")
@@ -55,6 +56,7 @@ def start_finetune_schedule(settings: Settings):
 
 
 def create_app(container: Container) -> FastAPI:
+    use_private_umask()  # the server's uploads, indexes and database files: 0600, folders 0700
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Requests search in parallel threads: one OpenMP thread per FAISS search avoids

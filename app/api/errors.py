@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm.engine import EngineBusy, EngineError, PromptTooLong
-from retrieval.store import KnowledgeBaseError
+from retrieval.store import KnowledgeBaseError, KnowledgeBaseUnavailable
 
 log = logging.getLogger("enclave.api")
 
@@ -66,10 +66,40 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 AUDIT_UNAVAILABLE = "the audit log cannot be written; the request was not carried out (fail closed)"
 
 
+class AnswerUnhandled:
+    """Pure ASGI middleware, innermost of the application's own: an exception no handler took is
+    logged once (method and path only: bodies hold questions and documents) and answered with the
+    OpenAI-format 500. Left to Starlette, the 500 is sent by its outermost middleware, which then
+    raises the exception again for the server: uvicorn logs it a second time (traceback and all)
+    and closes the connection, which the client could see as a reset instead of the answer."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:  # a stream already under way just ends
+                await error_response(500, "internal error; see the server log", "internal_error")(scope, receive, send)
+
+
 def install(app: FastAPI, on_denied: Callable[[Request, ApiError], None] | None = None) -> None:
     """``on_denied``: called (in a worker thread) for each 401/403, to audit it; if it raises
     AuditUnavailable the answer is a 503 instead."""
     from app.services.audit import AuditUnavailable
+
+    app.add_middleware(AnswerUnhandled)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -106,6 +136,11 @@ def install(app: FastAPI, on_denied: Callable[[Request, ApiError], None] | None 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError):
         return error_response(502, f"generation failed: {exc}", "engine_error")
+
+    @app.exception_handler(KnowledgeBaseUnavailable)
+    async def _kb_unavailable(_: Request, exc: KnowledgeBaseUnavailable):
+        log.error("%s", exc)
+        return error_response(503, str(exc), "knowledge_base_unavailable")
 
     @app.exception_handler(KnowledgeBaseError)
     async def _kb(_: Request, exc: KnowledgeBaseError):

@@ -91,11 +91,12 @@ def export(
 ) -> None:
     """JSON lines: the public key(s), the records from --since on, and the checkpoints covering them.
     Copy it off the box and check it there with `enclave audit verify --file FILE --public-key PEM`."""
+    from app.private import open_private
     from security.audit import canonical_json
 
     log = State.container().audit_log
     first = _since(since, log)
-    handle = open(out_file, "w", encoding="utf-8") if out_file else sys.stdout
+    handle = open_private(out_file) if out_file else sys.stdout  # the chain holds questions and answers
     count = 0
     try:
         for item in log.export(first):

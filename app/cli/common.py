@@ -43,6 +43,9 @@ class State:
 
 
 def set_config(config: Path | None) -> None:
+    from app.private import use_private_umask
+
+    use_private_umask()  # every console script: what it writes is the service account's only
     State.config = config
     State._container = None
 
@@ -71,7 +74,8 @@ def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except user_errors() as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            message = str(exc) or type(exc).__name__  # never a bare "error:"
+            console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
             sys.exit(2)
 
     return wrapper

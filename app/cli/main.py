@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -179,13 +181,16 @@ def serve(
     """Run the API and web pages under uvicorn (TLS 1.3 only when server.tls_certfile/keyfile are set;
     mutual TLS with server.tls_client_ca)."""
     from app.logs import configure_logging
-    from app.serving import is_loopback, is_unspecified, run, uvicorn_config
+    from app.serving import exposed_storage, is_loopback, is_unspecified, run, uvicorn_config
 
     settings = State.container().settings
     configure_logging(settings.logging.format, settings.logging.level)
     # Migrate the database once, here, before any worker starts: worker processes racing to create
     # the schema of a fresh database failed with "table alembic_version already exists".
     _ = State.container().engine
+    for line in exposed_storage(settings):
+        logging.getLogger("enclave.serve").warning("%s", line)
+        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     cfg = settings.server
     config = uvicorn_config(settings, host=host, port=port, workers=workers)
     scheme = "https" if cfg.tls_certfile else "http"
@@ -275,12 +280,17 @@ def backup_restore(
     """Verify every file of a backup, then replace the database and data directory with it.
 
     Stop the API processes and ingestion first; start them again afterwards."""
-    from app.backup import restore_backup, verify_backup
+    from app.backup import BackupError, restore_backup, verify_backup
 
     settings = State.container().settings
     verify_backup(path, manifest_sha256)  # a damaged backup is refused before any question
     if not yes:
-        typer.confirm(f"Replace the database and {settings.resolved_data_dir} with the backup in {path}?", abort=True)
+        if not sys.stdin.isatty():
+            raise BackupError("restoring replaces the database and the data directory and needs confirmation: "
+                              "run it in a terminal to be asked, or pass --yes; nothing was changed")
+        if not typer.confirm(f"Replace the database and {settings.resolved_data_dir} with the backup in {path}?"):
+            err.print("nothing was restored", highlight=False)
+            raise typer.Exit(1)
     manifest = restore_backup(settings, path, manifest_sha256)
     db = manifest["database"]
     out.print(f"restored {len(manifest['files'])} files and the {db['kind']} database "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -18,20 +17,17 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Model loaded, database and indexes reachable")
+@router.get("/readyz", summary="Model loaded, database writable and sane, index files intact")
 async def readyz(c: Container = Depends(container)):
-    checks: dict[str, str] = {}
-
-    def database() -> None:
-        with c.engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-
-    for name, probe in (("database", database), ("indexes", lambda: [c.kb_store.stats(kb) for kb in c.kb_store.list_kbs()])):
-        try:
-            await run_in_threadpool(probe)
-            checks[name] = "ok"
-        except Exception as exc:  # readiness reports, it does not raise
-            checks[name] = f"error: {type(exc).__name__}"
+    """503 unless the database takes writes and the model is loaded; knowledge bases whose index
+    files fail their sha256 are listed in `unavailable_knowledge_bases` (only they answer 503)."""
+    checks = {"database": await run_in_threadpool(c.readiness.database)}
+    try:
+        damaged = await run_in_threadpool(c.readiness.knowledge_bases) if checks["database"] == "ok" else {}
+        checks["indexes"] = "ok" if not damaged else f"degraded: {len(damaged)} knowledge base(s) unavailable"
+    except Exception as exc:  # readiness reports, it does not raise
+        damaged, checks["indexes"] = {}, f"error: {type(exc).__name__}"
     checks["model"] = "ok" if getattr(c, "generation_ready", False) else "loading"
-    ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+    ready = all(v == "ok" for k, v in checks.items() if k != "indexes") and not checks["indexes"].startswith("error")
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks,
+                         "unavailable_knowledge_bases": damaged}, status_code=200 if ready else 503)
