@@ -368,6 +368,51 @@ def test_full_queue_answers_503_before_a_stream_starts(server):
         scheduler.max_batch_size, scheduler.max_queue = limits
 
 
+def test_a_burst_gets_whole_streams_or_503_before_the_first_byte(server):
+    """12 streamed chats at once against 2 running + 2 waiting places: each one either streams to
+    [DONE] without an error event, or is refused with 503 + Retry-After before any stream byte."""
+    scheduler = server["container"].generation_engine.scheduler
+    limits = scheduler.max_batch_size, scheduler.max_queue
+    scheduler.max_batch_size, scheduler.max_queue = 2, 2
+    ask = {"messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+           "max_tokens": MAX_NEW_TOKENS, "stream": True, "rag": False}
+    start = threading.Barrier(12)
+    outcomes: list[tuple[int, str | None, str] | BaseException] = []
+
+    def one() -> None:
+        try:
+            with http(server, "user") as c:
+                start.wait()
+                with c.stream("POST", "/v1/chat/completions", json=ask) as response:
+                    body = "".join(f"{line}\n" for line in response.iter_lines())
+                    outcomes.append((response.status_code, response.headers.get("retry-after"), body))
+        except BaseException as exc:  # reported below with the others
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        scheduler.max_batch_size, scheduler.max_queue = limits
+    assert len(outcomes) == 12 and not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    served = [body for status, _, body in outcomes if status == 200]
+    refused = [(retry, body) for status, retry, body in outcomes if status == 503]
+    assert len(served) + len(refused) == 12, [o[:2] for o in outcomes]
+    assert served and refused  # the burst really exceeded the 4 places
+    for body in served:
+        events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", body
+        assert not any('"error"' in e for e in events), body
+    for retry, body in refused:
+        assert retry and not body.startswith("data:")
+        assert json.loads(body)["error"]["code"] == "server_busy"
+    while scheduler.running or scheduler.waiting:  # every place was given back
+        time.sleep(0.05)
+
+
 def test_malformed_json_and_oversized_prompt(server):
     with http(server, "user") as c:
         bad = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})

@@ -30,7 +30,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from app import metrics
 from app.conversations import ConversationStore, new_id
-from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, PromptTooLong
+from llm.engine import (
+    ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, HeldStream, PromptTooLong,
+)
 from llm.evidence import (
     Evidence, PromptProfile, answer_type, compress, has_type, missing_names, score_sentences, split_sentences,
 )
@@ -200,22 +202,25 @@ class ChatService:
 
     # --- answering --------------------------------------------------------------------------------
 
-    def answer(self, prepared: PreparedChat) -> AsyncIterator[AnswerChunk]:
+    def answer(self, prepared: PreparedChat) -> HeldStream:
         """The answer as a stream of :class:`AnswerChunk` (the last one carries the outcome).
 
-        The engine is asked now, not at the first iteration: a full queue (``EngineBusy``) is raised
-        here, before a streaming response has started, so the client gets a clean 503 instead of a
-        200 whose stream breaks off.
+        The engine is asked now, not at the first iteration: the in-process engine queues the request
+        here (a full queue raises ``EngineBusy`` before a streaming response has started, so the
+        client gets a clean 503 instead of a 200 whose stream breaks off). The returned stream holds
+        that place: close it (``aclose``) or call ``release()`` if it will not be read.
         """
         if prepared.request is None:
-            return self._without_model(prepared)
+            return HeldStream(self._without_model(prepared), lambda: None)
         prepared.request.request_id = prepared.completion_id
         try:
             chunks = self.engine.stream(prepared.request)
         except EngineBusy:
             metrics.GENERATION_REQUESTS.labels(self.engine.name, "rejected").inc()
             raise
-        return self._generated(prepared, self._measured(prepared, chunks))
+        # Closing (or dropping) the answer before it was read gives the engine's place back.
+        return HeldStream(self._generated(prepared, self._measured(prepared, chunks)),
+                          getattr(chunks, "release", lambda: None))
 
     async def _without_model(self, prepared: PreparedChat) -> AsyncIterator[AnswerChunk]:
         text, outcome = self._fallback(prepared)

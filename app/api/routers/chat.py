@@ -16,7 +16,7 @@ from app.api.audit import AuditTrail, AuditUnavailable, trail
 from app.api.errors import AUDIT_UNAVAILABLE, ApiError, error_body
 from app.container import Container
 from app.services.chat import ChatInput, ChatService
-from llm.engine import ChatMessage, EngineBusy, EngineError
+from llm.engine import ChatMessage, EngineError
 from security.principal import Principal
 
 router = APIRouter(tags=["chat"])
@@ -138,12 +138,35 @@ async def chat_completions(
     # stream ends with an audit_unavailable error event instead of [DONE]. The first event carries
     # the sources as retrieved; the last one carries them again with their quotes, and the answer
     # mode and grounding.
-    chunks = service.answer(prepared)  # a busy engine answers 503 here, before the stream starts
-    await act.start()
+    # The engine queues the request here: a busy engine answers 503 + Retry-After now, before the
+    # stream starts, and a stream that starts holds its place until it ends.
+    try:
+        chunks = service.answer(prepared)
+    except BaseException as exc:
+        await act.finish(exc)  # refused (busy) requests are recorded too
+        raise
     parts: list[str] = []
+    last = None
+
+    def abandon() -> None:
+        """The stream ended early or never started (the client went away): give the engine's place
+        back and record what was sent (no awaiting: this may run while cancelled)."""
+        chunks.release()
+        if not act.done:
+            try:
+                act.finish_sync("cancelled", answer="".join(parts),
+                                completion_tokens=last.completion_tokens if last else None)
+            except AuditUnavailable:
+                pass  # counted; there is nobody left to tell
+
+    try:
+        await act.start()
+    except BaseException:
+        chunks.release()
+        raise
 
     async def events():
-        last = None
+        nonlocal last
         try:
             yield event({"role": "assistant", "content": ""}, sources=public_sources)
             try:
@@ -155,10 +178,6 @@ async def chat_completions(
                         last = chunk
                         if chunk.text:
                             yield event({"content": chunk.text})
-            except EngineBusy as exc:  # the queue filled between the check above and joining it
-                await act.finish(exc)
-                yield f"data: {json.dumps(error_body(503, str(exc), 'server_busy'))}\n\n"
-                return
             except EngineError as exc:
                 await act.finish(exc)
                 yield f"data: {json.dumps(error_body(502, f'generation failed: {exc}', 'engine_error'))}\n\n"
@@ -175,15 +194,25 @@ async def chat_completions(
         except AuditUnavailable:
             yield f"data: {json.dumps(error_body(503, AUDIT_UNAVAILABLE, 'audit_unavailable'))}\n\n"
         finally:
-            if not act.done:  # the client went away: record what was sent (no awaiting while cancelled)
-                try:
-                    act.finish_sync("cancelled", answer="".join(parts),
-                                    completion_tokens=last.completion_tokens if last else None)
-                except AuditUnavailable:
-                    pass  # counted; there is nobody left to tell
+            abandon()
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _AnswerStream(events(), abandon, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _AnswerStream(StreamingResponse):
+    """A streamed answer that always gives its engine place back: a client that leaves before the
+    first byte means the generator never started, so its own ``finally`` never runs."""
+
+    def __init__(self, content, on_end, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_end = on_end
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
 
 
 def _usage(prompt: int, completion: int) -> dict:
