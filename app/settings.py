@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from retrieval.names import KB_NAME_PATTERN
+
 
 class ModelEntry(BaseModel):
     """A model an operator registered: a local HF folder or a GGUF file."""
@@ -306,7 +308,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     models_dir: Path | None = None
     database_url: str | None = None
-    default_kb: str = "default"
+    default_kb: str = Field("default", pattern=f"^{KB_NAME_PATTERN}$")  # retrieval.names (".." is refused there)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     answer: AnswerSettings = Field(default_factory=AnswerSettings)

@@ -23,7 +23,8 @@ import numpy as np
 from sqlmodel import Session, select
 
 from retrieval.embedder import Embedder
-from retrieval.store import KnowledgeBaseStore
+from retrieval.names import is_kb_name
+from retrieval.store import KnowledgeBaseError, KnowledgeBaseStore
 from retrieval.tables import ChunkRow, DocumentRow, decode_groups
 from retrieval.text_analysis import mostly_cjk, tokenize
 from retrieval.vector_index import IdFilter, Manifest
@@ -200,6 +201,8 @@ class Retriever:
     # Knowledge-base snapshots ---------------------------------------------------------------
     def snapshot(self, kb: str) -> _Snapshot:
         """The loaded knowledge base, reloaded when a newer index version has been published."""
+        if not is_kb_name(kb):  # before any path is built from it; answered like a missing one
+            raise KnowledgeBaseError(f"unknown knowledge base {kb!r}; ingest documents into it first")
         manifest = Manifest.read(self.store.directory(kb).path)
         version = manifest.version if manifest else None
         current = self._snapshots.get(kb)

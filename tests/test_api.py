@@ -413,6 +413,41 @@ def test_a_burst_gets_whole_streams_or_503_before_the_first_byte(server):
         time.sleep(0.05)
 
 
+def test_knowledge_base_names_are_checked_before_any_path_is_built(server):
+    """A name that cannot be a knowledge base is a 400 whatever exists on disk under it (no file
+    oracle), a valid unknown name a 404; nothing answers 500."""
+    up = "../" * len(server["container"].kb_store.index_root.resolve().parts)  # from the index folder to /
+    outside = [f"{up}etc/passwd", f"{up}etc", f"{up}etc/no-such-file", "default\u0000", "a..b", "x/y", "-x",
+               "k" * 129, ""]
+    with http(server, "admin") as admin:
+        bodies = []
+        for name in outside:
+            for path, body in [("/v1/search", {"query": "leave", "knowledge_base": name}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "leave?"}],
+                                                         "knowledge_base": name, "max_tokens": 4}),
+                               ("/v1/knowledge_bases", {"name": name}),
+                               ("/v1/keys", {"name": "bot", "role": "service", "knowledge_base": name})]:
+                response = admin.post(path, json=body)
+                assert response.status_code == 400, (path, name, response.text)
+                error = response.json()["error"]
+                assert error["code"] == "invalid_request"
+                bodies.append((path, error["message"]))
+        # The same answer for a file, a folder and nothing at all under the same parent.
+        assert len({m for p, m in bodies if p == "/v1/search"}) == 1
+        for encoded in ["default%00", "a..b", "%2e%2e"]:
+            for method, path in [("GET", f"/v1/knowledge_bases/{encoded}/documents"),
+                                 ("DELETE", f"/v1/knowledge_bases/{encoded}"),
+                                 ("DELETE", f"/v1/knowledge_bases/{encoded}/documents/1")]:
+                response = admin.request(method, path)
+                assert response.status_code in (400, 404) and response.status_code != 500, (path, response.text)
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+            upload = admin.post(f"/v1/knowledge_bases/{encoded}/documents", files={"file": ("x.txt", b"hello")})
+            assert upload.status_code in (400, 404), upload.text
+        missing = admin.post("/v1/search", json={"query": "leave", "knowledge_base": "no-such-kb"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "knowledge_base"
+    assert not (server["container"].settings.resolved_data_dir / "uploads" / "a..b").exists()
+
+
 def test_malformed_json_and_oversized_prompt(server):
     with http(server, "user") as c:
         bad = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import AfterValidator
 
 from app.api.errors import ApiError
 from app.container import Container
+from retrieval.names import KB_NAME_RULE, is_kb_name
 from security.api_keys import TOKEN_PREFIX
 from security.jwt_auth import TokenError
 from security.principal import Principal
 
 log = logging.getLogger("enclave.security")
+
+
+def _kb_name(name: str) -> str:
+    if not is_kb_name(name):
+        raise ValueError(f"invalid knowledge base name; use {KB_NAME_RULE}")
+    return name
+
+
+# A knowledge-base name from a request (body field or path): one that cannot be a knowledge base is
+# a 400 before any path, query or audit record is built from it (retrieval.names).
+KnowledgeBaseName = Annotated[str, AfterValidator(_kb_name)]
 
 
 def container(request: Request) -> Container:

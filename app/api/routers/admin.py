@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from app.api.audit import AuditTrail, trail
-from app.api.deps import container, require
+from app.api.deps import KnowledgeBaseName, container, require
 from app.api.errors import ApiError
 from app.container import Container
 from ingest.loaders import file_type_for
@@ -26,7 +26,7 @@ _SAFE_NAME = re.compile(r"[^\w.\- ]+", re.UNICODE)
 
 
 class KnowledgeBaseIn(BaseModel):
-    name: str = Field(..., min_length=1, max_length=128)
+    name: KnowledgeBaseName
 
 
 @router.get("/v1/knowledge_bases", summary="Knowledge bases with document and chunk counts")
@@ -50,7 +50,7 @@ async def create_kb(body: KnowledgeBaseIn, c: Container = Depends(container), _:
 
 
 @router.delete("/v1/knowledge_bases/{name}", summary="Delete a knowledge base with all its documents")
-async def delete_kb(name: str, c: Container = Depends(container), _: Principal = Depends(admin),
+async def delete_kb(name: KnowledgeBaseName, c: Container = Depends(container), _: Principal = Depends(admin),
                     audit: AuditTrail = Depends(trail)) -> dict:
     async with audit.action("kb.delete", intent=True, knowledge_base=name):
         await run_in_threadpool(c.kb_store.get_kb, name)
@@ -60,7 +60,7 @@ async def delete_kb(name: str, c: Container = Depends(container), _: Principal =
 
 
 @router.get("/v1/knowledge_bases/{name}/documents", summary="Documents of a knowledge base")
-async def list_documents(name: str, c: Container = Depends(container), _: Principal = Depends(admin),
+async def list_documents(name: KnowledgeBaseName, c: Container = Depends(container), _: Principal = Depends(admin),
                          audit: AuditTrail = Depends(trail)) -> dict:
     async with audit.action("document.list", knowledge_base=name):
         await run_in_threadpool(c.kb_store.get_kb, name)
@@ -72,7 +72,7 @@ async def list_documents(name: str, c: Container = Depends(container), _: Princi
 
 @router.post("/v1/knowledge_bases/{name}/documents", status_code=201, summary="Upload and ingest a document")
 async def upload_document(
-    name: str, file: UploadFile = File(...), groups: str = Form(""),
+    name: KnowledgeBaseName, file: UploadFile = File(...), groups: str = Form(""),
     c: Container = Depends(container), _: Principal = Depends(admin), audit: AuditTrail = Depends(trail),
 ) -> dict:
     filename = _SAFE_NAME.sub("_", Path(file.filename or "").name).strip(" .")
@@ -105,7 +105,7 @@ async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str
 
 
 @router.delete("/v1/knowledge_bases/{name}/documents/{document_id}", summary="Remove a document")
-async def delete_document(name: str, document_id: int, c: Container = Depends(container), _: Principal = Depends(admin),
+async def delete_document(name: KnowledgeBaseName, document_id: int, c: Container = Depends(container), _: Principal = Depends(admin),
                           audit: AuditTrail = Depends(trail)) -> dict:
     async with audit.action("document.remove", intent=True, knowledge_base=name, detail=f"document {document_id}"):
         removed = await run_in_threadpool(c.pipeline.remove, name, str(document_id))
@@ -126,7 +126,7 @@ class KeyIn(BaseModel):
     name: str = Field(..., min_length=1, max_length=128)
     role: str = Field("user", pattern="^(admin|user|service)$")
     groups: list[str] = Field(default_factory=list, max_length=50)
-    knowledge_base: str | None = Field(None, max_length=128)
+    knowledge_base: KnowledgeBaseName | None = None
     expires_days: int | None = Field(None, ge=1, le=3650)
 
 

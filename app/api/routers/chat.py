@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import check_kb_access, container, readable_groups, require
+from app.api.deps import KnowledgeBaseName, check_kb_access, container, readable_groups, require
 from app.api.audit import AuditTrail, AuditUnavailable, trail
 from app.api.errors import AUDIT_UNAVAILABLE, ApiError, error_body
 from app.container import Container
@@ -49,7 +49,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     user: str | None = Field(None, max_length=256)
     # Enclave extensions
-    knowledge_base: str = Field("default", max_length=128)
+    knowledge_base: KnowledgeBaseName = "default"
     rag: bool = True
     top_k: int = Field(5, ge=1, le=20)
     conversation_id: str | None = Field(None, max_length=40)
