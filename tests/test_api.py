@@ -448,6 +448,34 @@ def test_knowledge_base_names_are_checked_before_any_path_is_built(server):
     assert not (server["container"].settings.resolved_data_dir / "uploads" / "a..b").exists()
 
 
+def test_lone_surrogates_and_overlong_file_names_are_400_not_500(server):
+    """JSON can spell a lone UTF-16 surrogate ("\\ud800") that no encoder accepts; every text field
+    refuses it up front, and an upload name too long for a file system is refused by name."""
+    lone = "\\ud800"  # as it appears in the JSON text
+    bodies = {
+        "/v1/embeddings": f'{{"input": "{lone}"}}',
+        "/v1/search": f'{{"query": "leave {lone}"}}',
+        "/v1/chat/completions": f'{{"messages": [{{"role": "user", "content": "leave{lone}?"}}], "max_tokens": 4}}',
+        "/v1/feedback": f'{{"completion_id": "x", "rating": 1, "correction": "{lone}"}}',
+        "/v1/knowledge_bases": f'{{"name": "kb{lone}"}}',
+        "/v1/keys": f'{{"name": "bot{lone}"}}',
+    }
+    chat = '{{"messages": [{{"role": "user", "content": "leave?"}}], {}, "max_tokens": 4}}'
+    more = [("/v1/chat/completions", chat.format(f'"user": "{lone}"')),  # stored with the conversation
+            ("/v1/chat/completions", chat.format(f'"x{lone}": 1'))]  # in a key
+    with http(server, "admin") as admin:
+        for path, body in [*bodies.items(), *more]:
+            response = admin.post(path, content=body.encode(), headers={"content-type": "application/json"})
+            assert response.status_code == 400, (path, response.text)
+            assert response.json()["error"]["code"] == "invalid_request" and "surrogate" in response.json()["error"]["message"]
+        assert admin.post("/v1/embeddings", content='{"input": "\\ud83d\\ude00 fine"}'.encode(),
+                          headers={"content-type": "application/json"}).status_code == 200  # a proper pair is text
+        long_name = "n" * 300 + ".txt"
+        upload = admin.post("/v1/knowledge_bases/default/documents", files={"file": (long_name, b"hello")})
+        assert upload.status_code == 400 and upload.json()["error"]["code"] == "invalid_file_name", upload.text
+    assert not any(p.name.startswith("nnnn") for p in (server["container"].settings.resolved_data_dir / "uploads").rglob("*"))
+
+
 def test_malformed_json_and_oversized_prompt(server):
     with http(server, "user") as c:
         bad = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})

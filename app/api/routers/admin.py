@@ -9,11 +9,12 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from app.api.audit import AuditTrail, trail
 from app.api.deps import KnowledgeBaseName, container, require
 from app.api.errors import ApiError
+from app.api.schemas import RequestBody
 from app.container import Container
 from ingest.loaders import file_type_for
 from security.api_keys import ApiKeyError
@@ -22,10 +23,12 @@ from security.principal import Principal
 router = APIRouter(tags=["admin"])
 admin = require()  # administrators only
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+# File systems allow 255 bytes per name; the rest is room for the temporary name of an upload in progress.
+MAX_NAME_BYTES = 200
 _SAFE_NAME = re.compile(r"[^\w.\- ]+", re.UNICODE)
 
 
-class KnowledgeBaseIn(BaseModel):
+class KnowledgeBaseIn(RequestBody):
     name: KnowledgeBaseName
 
 
@@ -87,6 +90,8 @@ async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str
     if not filename or file_type_for(Path(filename)) is None:
         raise ApiError(415, "unsupported or missing file name; supported: .txt .md .rst .html .pdf .docx .csv",
                        "unsupported_file_type", "file")
+    if len(filename.encode()) > MAX_NAME_BYTES:
+        raise ApiError(400, f"file name too long: at most {MAX_NAME_BYTES} bytes (UTF-8)", "invalid_file_name", "file")
     data = await file.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
         raise ApiError(413, f"files may be at most {MAX_UPLOAD_BYTES // 2**20} MiB", "file_too_large", "file")
@@ -122,7 +127,7 @@ async def ingest_runs(c: Container = Depends(container), _: Principal = Depends(
     return {"data": [{**r, "started_at": str(r["started_at"]), "finished_at": str(r["finished_at"] or "")} for r in runs]}
 
 
-class KeyIn(BaseModel):
+class KeyIn(RequestBody):
     name: str = Field(..., min_length=1, max_length=128)
     role: str = Field("user", pattern="^(admin|user|service)$")
     groups: list[str] = Field(default_factory=list, max_length=50)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.deps import KnowledgeBaseName, check_kb_access, container, readable_groups, require
 from app.api.audit import AuditTrail, AuditUnavailable, trail
 from app.api.errors import AUDIT_UNAVAILABLE, ApiError, error_body
+from app.api.schemas import RequestBody
 from app.container import Container
 from app.services.chat import ChatInput, ChatService
 from llm.engine import ChatMessage, EngineError
@@ -33,7 +34,7 @@ class ChatMessageIn(BaseModel):
     content: str = Field(..., max_length=MAX_MESSAGE_CHARS)
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(RequestBody):
     # OpenAI clients send fields Enclave does not use (presence_penalty, logit_bias, ...): accepted, ignored.
     model_config = ConfigDict(extra="allow")
 
@@ -236,7 +237,7 @@ async def conversation(conversation_id: str, c: Container = Depends(container), 
          "created_at": t.created_at.isoformat()} for t in turns]}
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(RequestBody):
     completion_id: str = Field(..., min_length=1, max_length=64)
     rating: Literal[1, -1]
     correction: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)
