@@ -11,6 +11,7 @@ from pydantic import AfterValidator
 
 from app.api.errors import ApiError
 from app.container import Container
+from app.uploads import Uploads
 from retrieval.names import KB_NAME_RULE, is_kb_name
 from security.api_keys import TOKEN_PREFIX
 from security.jwt_auth import TokenError
@@ -32,6 +33,10 @@ KnowledgeBaseName = Annotated[str, AfterValidator(_kb_name)]
 
 def container(request: Request) -> Container:
     return request.app.state.container
+
+
+def uploads(request: Request) -> Uploads:
+    return request.app.state.uploads
 
 
 def _bearer(request: Request) -> str:

@@ -12,10 +12,11 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import Field
 
 from app.api.audit import AuditTrail, trail
-from app.api.deps import KnowledgeBaseName, container, require
+from app.api.deps import KnowledgeBaseName, container, require, uploads
 from app.api.errors import ApiError
 from app.api.schemas import RequestBody
 from app.container import Container
+from app.uploads import Uploads
 from ingest.loaders import file_type_for
 from security.api_keys import ApiKeyError
 from security.principal import Principal
@@ -77,16 +78,17 @@ async def list_documents(name: KnowledgeBaseName, c: Container = Depends(contain
 async def upload_document(
     name: KnowledgeBaseName, file: UploadFile = File(...), groups: str = Form(""),
     c: Container = Depends(container), _: Principal = Depends(admin), audit: AuditTrail = Depends(trail),
+    files: Uploads = Depends(uploads),
 ) -> dict:
     filename = _SAFE_NAME.sub("_", Path(file.filename or "").name).strip(" .")
     async with audit.action("document.upload", intent=True, knowledge_base=name, detail=f"file {filename}") as act:
-        doc, report = await _ingest_upload(name, file, filename, groups, c)
+        doc, report = await _ingest_upload(name, file, filename, groups, c, files)
         act.update(detail=f"file {filename}; document {doc.id}; sha256 {doc.content_hash}; groups {doc.groups}")
     return {"id": doc.id, "source": doc.source, "chunks": doc.chunk_count, "groups": json.loads(doc.groups),
             "added": report.added, "updated": report.updated}
 
 
-async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str, c: Container):
+async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str, c: Container, files: Uploads):
     if not filename or file_type_for(Path(filename)) is None:
         raise ApiError(415, "unsupported or missing file name; supported: .txt .md .rst .html .pdf .docx .csv",
                        "unsupported_file_type", "file")
@@ -96,16 +98,14 @@ async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str
     if len(data) > MAX_UPLOAD_BYTES:
         raise ApiError(413, f"files may be at most {MAX_UPLOAD_BYTES // 2**20} MiB", "file_too_large", "file")
     await run_in_threadpool(c.kb_store.ensure_kb, name)
-    folder = c.settings.resolved_data_dir / "uploads" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / filename
-    await run_in_threadpool(target.write_bytes, data)
     group_list = [g.strip() for g in groups.split(",") if g.strip()] or None
-    report = await run_in_threadpool(lambda: c.pipeline.run(target, name, group_list))
+    # Stored under a temporary name and swapped in only once ingested (app/uploads.py): a file that
+    # fails leaves the stored file of that name, and its document, as they were.
+    target, report = await run_in_threadpool(files.store, name, filename, data, group_list)
     if report.failed:
-        target.unlink(missing_ok=True)
         raise ApiError(400, f"{filename}: {report.failures[0].reason}", "unreadable_document", "file")
-    doc = next(d for d in c.kb_store.documents(name, root=str(folder)) if d.source == filename)
+    docs = await run_in_threadpool(c.kb_store.documents, name, str(target.parent))
+    doc = next(d for d in docs if d.source == filename)
     return doc, report
 
 
