@@ -192,7 +192,10 @@ class SecuritySettings(BaseModel):
     # most `burst` requests in the time that many requests take to earn (token-bucket shape).
     rate_limit_per_minute: int = Field(300, ge=0, description="requests per minute per principal; 0: off")
     rate_limit_burst: int = Field(60, ge=1)
-    auth_failures_per_minute: int = Field(30, ge=0, description="failed sign-ins per minute per address; 0: off")
+    auth_failures_per_minute: int = Field(30, ge=0, description="failed sign-ins per minute per key; 0: off")
+    # Beyond this many failed sign-ins a minute an address is refused, except for keys that signed in
+    # from it in the last hour (people behind the same proxy keep working); 0: no address limit.
+    auth_failures_per_address_per_minute: int = Field(300, ge=0)
     # `limits` storage URI: memory:// is per process; redis://host:6379 shares limits between workers.
     rate_limit_storage: str = "memory://"
 
