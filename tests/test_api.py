@@ -476,6 +476,41 @@ def test_lone_surrogates_and_overlong_file_names_are_400_not_500(server):
     assert not any(p.name.startswith("nnnn") for p in (server["container"].settings.resolved_data_dir / "uploads").rglob("*"))
 
 
+def test_a_conversation_withholds_sources_its_reader_can_no_longer_read(server):
+    """Stored sources are shown under the reader's current access: once a document's groups are
+    narrowed, its snippet, title and path no longer come back through the conversation."""
+    note = ("# Locker codes\n\nThe Harwich depot locker codes rotate every Tuesday and are kept by the night "
+            "supervisor, Ilse Marchetti, in the grey binder.\n")
+    with http(server, "admin") as admin, http(server, "hr") as hr:
+        up = admin.post("/v1/knowledge_bases/default/documents", files={"file": ("lockers.md", note.encode())},
+                        data={"groups": "hr"})
+        assert up.status_code == 201, up.text
+        chat = hr.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Who keeps the Harwich depot locker codes?"}], "max_tokens": 8})
+        assert chat.status_code == 200, chat.text
+        assert any(s["source"] == "lockers.md" for s in chat.json()["sources"])
+        conversation = f"/v1/conversations/{chat.json()['conversation_id']}"
+
+        def sources() -> list[dict]:
+            response = hr.get(conversation)
+            assert response.status_code == 200, response.text
+            return [s for m in response.json()["messages"] for s in m["sources"]]
+
+        before = sources()
+        shown = [s for s in before if s["source"] == "lockers.md"]
+        assert shown and "Harwich" in shown[0]["snippet"] and not shown[0].get("withheld")
+        narrowed = admin.post("/v1/knowledge_bases/default/documents", files={"file": ("lockers.md", note.encode())},
+                              data={"groups": "finance"})
+        assert narrowed.status_code == 201 and narrowed.json()["groups"] == ["finance"], narrowed.text
+        after = sources()
+        assert [s["index"] for s in after] == [s["index"] for s in before]  # each still listed, by number
+        assert not any(s["source"] == "lockers.md" for s in after)
+        withheld = [s for s in after if s["withheld"]]
+        assert withheld and all(s["snippet"] is None and s["title"] is None and s["quote"] is None for s in withheld)
+        assert "Harwich" not in json.dumps(after) and "Locker codes" not in json.dumps(after)
+        assert admin.delete(f"/v1/knowledge_bases/default/documents/{up.json()['id']}").status_code == 200
+
+
 def test_malformed_json_and_oversized_prompt(server):
     with http(server, "user") as c:
         bad = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})

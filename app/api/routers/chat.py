@@ -232,9 +232,12 @@ async def conversation(conversation_id: str, c: Container = Depends(container), 
     turns = await run_in_threadpool(c.conversations.turns, conversation_id, None if who.is_admin else who.subject)
     if turns is None:
         raise ApiError(404, "no such conversation", "conversation_not_found", "conversation_id")
+    # The reader's access is checked again now: a source whose groups were narrowed since is withheld.
+    reader = readable_groups(who, c.settings.ingest.default_groups)
+    sources = await run_in_threadpool(_service(c).shown_sources, [t.sources for t in turns], reader)
     return {"id": conversation_id, "messages": [
-        {"role": t.role, "content": t.content, "completion_id": t.completion_id, "sources": t.sources,
-         "created_at": t.created_at.isoformat()} for t in turns]}
+        {"role": t.role, "content": t.content, "completion_id": t.completion_id, "sources": shown,
+         "created_at": t.created_at.isoformat()} for t, shown in zip(turns, sources)]}
 
 
 class FeedbackRequest(RequestBody):
