@@ -17,7 +17,7 @@ from app.api.errors import AUDIT_UNAVAILABLE, ApiError, error_body
 from app.api.schemas import RequestBody
 from app.container import Container
 from app.services.chat import ChatInput, ChatService
-from llm.engine import ChatMessage, EngineError
+from llm.engine import ChatMessage, EngineBusy, EngineError
 from security.principal import Principal
 
 router = APIRouter(tags=["chat"])
@@ -179,6 +179,10 @@ async def chat_completions(
                         last = chunk
                         if chunk.text:
                             yield event({"content": chunk.text})
+            except EngineBusy as exc:  # a remote engine (openai) learns that it is busy only once asked
+                await act.finish(exc)
+                yield f"data: {json.dumps(error_body(503, str(exc), 'server_busy'))}\n\n"
+                return
             except EngineError as exc:
                 await act.finish(exc)
                 yield f"data: {json.dumps(error_body(502, f'generation failed: {exc}', 'engine_error'))}\n\n"
