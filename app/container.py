@@ -24,7 +24,7 @@ from security.api_keys import ApiKeyService
 from security.audit import AuditLog, AuditSigner, load_public_key
 from security.pii import PiiRedactor
 from security.jwt_auth import OidcConfig, OidcValidator
-from security.rate_limit import RateLimiter
+from security.rate_limit import RateLimiter, SignInLimiter
 
 
 class Container:
@@ -63,11 +63,12 @@ class Container:
         return RateLimiter(cfg.rate_limit_per_minute, cfg.rate_limit_burst, cfg.rate_limit_storage, "principal")
 
     @cached_property
-    def auth_failure_limiter(self) -> RateLimiter | None:
+    def auth_failure_limiter(self) -> SignInLimiter | None:
         cfg = self.settings.security
         if cfg.auth_failures_per_minute == 0:
             return None
-        return RateLimiter(cfg.auth_failures_per_minute, None, cfg.rate_limit_storage, "authfail")
+        return SignInLimiter(cfg.auth_failures_per_minute, cfg.auth_failures_per_address_per_minute,
+                             cfg.rate_limit_storage)
 
     def _api_key_secret(self) -> bytes:
         configured = self.settings.security.api_key_secret

@@ -21,13 +21,27 @@ from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("enclave_request_id", default=None)
 
-# Patterns that are secrets wherever they appear. Hand-written: no logging library scrubs output.
+# Values that are secrets wherever they appear; the words around them ("bearer", "token") stay, so
+# that "bearer token refused" reads as written. Hand-written: no logging library scrubs output.
+# A value after "Bearer " or "token:" is scrubbed when it is shaped like a credential: 8+
+# characters with a digit or a symbol, or 24+ characters of anything (JWTs, opaque tokens).
+_TEXT = r"""[^\s'"\\,;}&]"""
+_SECRET_SHAPED = rf"(?:(?={_TEXT}*[0-9._~+/=-]){_TEXT}{{8,}}|{_TEXT}{{24,}})"
+_Q = r"""\\?['"]"""  # a quote, escaped inside JSON log lines
 _SECRETS = [
     (re.compile(r"enc_[a-z0-9]{12}_[A-Za-z0-9_-]{43}"), "enc_[REDACTED]"),  # Enclave API keys
-    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1[REDACTED]"),
-    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+"), r"\1[REDACTED]"),
+    (re.compile(rf"(?i)(\bbearer\s+){_SECRET_SHAPED}"), r"\1[REDACTED]"),
+    # The Authorization header's value, whatever its shape (after its scheme word).
+    (re.compile(rf"(?i)(\bauthorization(?:{_Q})?\s*[:=]\s*(?:{_Q})?(?:(?:bearer|basic|token)\s+)?){_TEXT}+"),
+     r"\1[REDACTED]"),
     (re.compile(r"(://[^:/@\s]+:)[^@\s]+@"), r"\1[REDACTED]@"),  # passwords in URLs (database_url)
-    (re.compile(r"(?i)((?:api_key|password|secret|token)['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+"), r"\1[REDACTED]"),
+    # key=value and quoted keys ('password': ...) are values whatever their shape ...
+    (re.compile(rf"(?i)(\b(?:api_?key|password|passwd|secret|\w*token)=(?:{_Q})?){_TEXT}+"), r"\1[REDACTED]"),
+    (re.compile(rf"(?i)({_Q}(?:api_?key|password|passwd|secret|\w*token){_Q}\s*:\s*(?:{_Q})?){_TEXT}+"),
+     r"\1[REDACTED]"),
+    (re.compile(rf"(?i)(\b(?:api_?key|password|passwd|secret)\s*:\s*(?:{_Q})?){_TEXT}+"), r"\1[REDACTED]"),
+    # ... while after a bare "token:" ("invalid token: Signature has expired") only a secret-shaped one is.
+    (re.compile(rf"(?i)(\b\w*token\s*:\s*(?:{_Q})?){_SECRET_SHAPED}"), r"\1[REDACTED]"),
 ]
 
 

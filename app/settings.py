@@ -23,6 +23,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from retrieval.names import KB_NAME_PATTERN
+
 
 
 # The YAML file of the Settings being built now (set only inside load_settings).
@@ -195,7 +197,10 @@ class SecuritySettings(BaseModel):
     # most `burst` requests in the time that many requests take to earn (token-bucket shape).
     rate_limit_per_minute: int = Field(300, ge=0, description="requests per minute per principal; 0: off")
     rate_limit_burst: int = Field(60, ge=1)
-    auth_failures_per_minute: int = Field(30, ge=0, description="failed sign-ins per minute per address; 0: off")
+    auth_failures_per_minute: int = Field(30, ge=0, description="failed sign-ins per minute per key; 0: off")
+    # Beyond this many failed sign-ins a minute an address is refused, except for keys that signed in
+    # from it in the last hour (people behind the same proxy keep working); 0: no address limit.
+    auth_failures_per_address_per_minute: int = Field(300, ge=0)
     # `limits` storage URI: memory:// is per process; redis://host:6379 shares limits between workers.
     rate_limit_storage: str = "memory://"
 
@@ -311,7 +316,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     models_dir: Path | None = None
     database_url: str | None = None
-    default_kb: str = "default"
+    default_kb: str = Field("default", pattern=f"^{KB_NAME_PATTERN}$")  # retrieval.names (".." is refused there)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     answer: AnswerSettings = Field(default_factory=AnswerSettings)

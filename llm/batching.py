@@ -310,6 +310,9 @@ class BatchScheduler:
         with self._cond:
             if self._closing:
                 raise EngineError("the generation engine is shut down")
+            # Places given back (a client that left before its request was admitted) are free again.
+            if any(s.cancelled for s in self._waiting):
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
             # Requests that will get a free slot at the next step do not count as waiting.
             free_slots = max(0, self.max_batch_size - self._running_count)
             if len(self._waiting) >= self.max_queue + free_slots:

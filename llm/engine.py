@@ -7,7 +7,7 @@ frees its slot in the running batch.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -87,6 +87,38 @@ class Engine(Protocol):
     def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+
+class HeldStream:
+    """A stream whose request already holds its place in an engine (a queue slot).
+
+    Closing it gives the place back even when it was never iterated (closing an async generator
+    that never started runs none of its code, so its ``finally`` cannot do it), and so does dropping
+    it: a response that never started streaming must not leave a request generating for nobody.
+    """
+
+    def __init__(self, chunks: AsyncIterator, release: Callable[[], None]):
+        self._chunks = chunks
+        self._release: Callable[[], None] | None = release
+
+    def __aiter__(self) -> "HeldStream":
+        return self
+
+    async def __anext__(self):
+        return await self._chunks.__anext__()
+
+    def release(self) -> None:
+        """Give the place back (thread-safe for the engines here; idempotent)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    async def aclose(self) -> None:
+        self.release()
+        await self._chunks.aclose()
+
+    def __del__(self) -> None:
+        self.release()
 
 
 async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:

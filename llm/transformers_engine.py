@@ -19,11 +19,11 @@ from llm import chat_format
 from llm.batching import BatchScheduler, PrefillObserver, Sequence, StepObserver
 from llm.engine import (
     ChatMessage,
-    EngineBusy,
     EngineError,
     GenerationChunk,
     GenerationRequest,
     GenerationResult,
+    HeldStream,
     PromptTooLong,
     collect,
 )
@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 class TransformersEngine:
     """``Engine`` over a local HF folder or GGUF file, with continuous batching.
 
-    ``stream`` checks the request at once (``PromptTooLong``, ``EngineBusy`` when the waiting queue
-    is already full, ``EngineError`` for invalid parameters) so a caller can answer with an error
-    status before it starts a response; the request joins the batch when the stream is first
-    iterated. Closing the stream, or cancelling the task iterating it, frees its batch slot at the
+    ``stream`` checks the request and queues it at once (``PromptTooLong``, ``EngineBusy`` when the
+    waiting queue is full, ``EngineError`` for invalid parameters), so a caller that got a stream
+    holds a place and can promise an answer before it starts a response. Closing the stream (even
+    unread), dropping it, or cancelling the task iterating it frees its place or batch slot at the
     next decode step.
     """
 
@@ -203,16 +203,6 @@ class TransformersEngine:
         if request.temperature < 0 or not 0 < request.top_p <= 1 or request.max_new_tokens < 1:
             raise EngineError("invalid sampling parameters: temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
         max_new = min(request.max_new_tokens, self.max_new_tokens, self.context_window - len(prompt))
-        if scheduler.waiting >= scheduler.max_queue + max(0, scheduler.max_batch_size - scheduler.running):
-            raise EngineBusy("generation queue is full; retry later")
-        return self._run(scheduler, prompt, max_new, request)
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await collect(self.stream(request))
-
-    async def _run(
-        self, scheduler: BatchScheduler, prompt: list[int], max_new: int, request: GenerationRequest
-    ) -> AsyncIterator[GenerationChunk]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -224,10 +214,21 @@ class TransformersEngine:
             top_p=request.top_p, seed=request.seed, repetition_penalty=request.repetition_penalty,
             no_repeat_ngram=request.no_repeat_ngram,
         )
+        # The request takes its place in the queue now (EngineBusy at once when there is none, under
+        # the scheduler's lock, so no check can go stale before the request is queued); closing or
+        # dropping the returned stream, even before its first item, gives the place back.
+        scheduler.submit(seq)
+        return HeldStream(self._run(seq, events, prompt, request), seq.cancel)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await collect(self.stream(request))
+
+    async def _run(
+        self, seq: Sequence, events: asyncio.Queue, prompt: list[int], request: GenerationRequest
+    ) -> AsyncIterator[GenerationChunk]:
         text = TextStream(self.loaded.tokenizer, request.stop)
         tokens = 0
         try:
-            scheduler.submit(seq)
             while True:
                 # Drain everything already there: a slow consumer gets fewer, larger chunks.
                 pending = [await events.get()]

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -23,7 +23,8 @@ import numpy as np
 from sqlmodel import Session, select
 
 from retrieval.embedder import Embedder
-from retrieval.store import KnowledgeBaseStore
+from retrieval.names import is_kb_name
+from retrieval.store import KnowledgeBaseNotFound, KnowledgeBaseStore
 from retrieval.tables import ChunkRow, DocumentRow, decode_groups
 from retrieval.text_analysis import mostly_cjk, tokenize
 from retrieval.vector_index import IdFilter
@@ -200,6 +201,8 @@ class Retriever:
     # Knowledge-base snapshots ---------------------------------------------------------------
     def snapshot(self, kb: str) -> _Snapshot:
         """The loaded knowledge base, reloaded when a newer index version has been published."""
+        if not is_kb_name(kb):  # before any path is built from it; answered like a missing one
+            raise KnowledgeBaseNotFound(f"unknown knowledge base {kb!r}; ingest documents into it first")
         manifest = self.store.published(kb)
         version = manifest.version if manifest else None
         current = self._snapshots.get(kb)
@@ -287,29 +290,41 @@ class Retriever:
             candidate.fused += weight / (self.config.rrf_k + rank)
 
     def _materialise(self, pool: list[_Candidate], principal: Principal) -> list[RetrievedChunk]:
-        rows = self.store.chunks([c.chunk_id for c in pool])
+        readable = self.readable_chunks([c.chunk_id for c in pool], principal)
+        results = []
+        for candidate in pool:
+            chunk = readable.get(candidate.chunk_id)
+            if chunk is not None:
+                results.append(replace(chunk, dense_score=candidate.dense, bm25_score=candidate.bm25,
+                                       fused_score=candidate.fused))
+        return results
+
+    def readable_chunks(self, chunk_ids: list[int], principal: Principal) -> dict[int, RetrievedChunk]:
+        """The chunks among ``chunk_ids`` that exist and that ``principal`` may read *now* (scores
+        empty): the rows' current groups decide, and a pinned principal reads its knowledge base only."""
+        rows = self.store.chunks(list(chunk_ids)) if chunk_ids else {}
         doc_ids = {row.document_id for row in rows.values()}
         with Session(self.store.engine) as session:
             docs = {
                 d.id: d for d in session.exec(select(DocumentRow).where(DocumentRow.id.in_(doc_ids)))
             } if doc_ids else {}
         groups = set(principal.groups)
-        results = []
-        for candidate in pool:
-            row = rows.get(candidate.chunk_id)
-            if row is None:  # removed by an ingest since the snapshot was loaded
-                continue
+        readable = {}
+        for chunk_id, row in rows.items():
             # Defence in depth: the row's current groups are checked again, so an ACL narrowed by
             # an ingest that has not yet published its index can never widen what is returned.
             if not principal.reads_everything() and groups.isdisjoint(decode_groups(row.groups)):
                 continue
-            doc = docs[row.document_id]
-            results.append(RetrievedChunk(
+            if principal.knowledge_base is not None and row.kb != principal.knowledge_base:
+                continue
+            doc = docs.get(row.document_id)
+            if doc is None:  # removed by an ingest since the snapshot was loaded
+                continue
+            readable[chunk_id] = RetrievedChunk(
                 chunk_id=row.id, document_id=row.document_id, source=doc.source, title=doc.title, page=row.page,
-                heading=row.heading, text=row.text, dense_score=candidate.dense, bm25_score=candidate.bm25,
-                fused_score=candidate.fused,
-            ))
-        return results
+                heading=row.heading, text=row.text, dense_score=None, bm25_score=None, fused_score=0.0,
+            )
+        return readable
 
     def _rerank(self, query: str, results: list[RetrievedChunk]) -> list[RetrievedChunk]:
         scores = self.reranker.predict([(query, r.text) for r in results], show_progress_bar=False)

@@ -49,6 +49,9 @@ class KnowledgeBaseUnavailable(KnowledgeBaseError):
     """The knowledge base's index files are damaged: it cannot be searched until they are rebuilt
     (the next ingest into it rebuilds them from the database). Other knowledge bases are unaffected."""
 
+    http_status = 503
+    error_code = "knowledge_base_unavailable"
+
     def __init__(self, kb: str, reason: str):
         super().__init__(f"knowledge base {kb!r} is unavailable: {reason}; an administrator can rebuild it "
                          f"with `ingest run PATH --kb {kb}` (the index is rebuilt from the database)")

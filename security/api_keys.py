@@ -19,8 +19,15 @@ from security.tables import ApiKeyRow, utcnow
 # The public prefix of every key (enc_<id>_<secret>), not a secret (bandit B105 false positive).
 TOKEN_PREFIX = "enc"  # nosec B105
 _TOKEN = re.compile(rf"{TOKEN_PREFIX}_([a-z0-9]{{12}})_([A-Za-z0-9_-]{{43}})")
+_KEY_ID = re.compile(rf"{TOKEN_PREFIX}_([a-z0-9]{{12}})_")
 ROLES = ("admin", "user", "service")
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
+
+
+def presented_key_id(token: str) -> str | None:
+    """The id part of a token shaped like an API key (``enc_<id>_...``), valid or not: public, not a secret."""
+    match = _KEY_ID.match(token.strip())
+    return match.group(1) if match else None
 
 
 class ApiKeyError(Exception):

@@ -164,3 +164,13 @@ def _groups(value) -> tuple[str, ...]:
     if len(names) > MAX_GROUPS:
         raise TokenError(f"more than {MAX_GROUPS} groups")
     return tuple(names)
+
+
+def unverified_subject(token: str) -> str | None:
+    """The ``sub`` a token claims, read without checking anything: only a name to count failed
+    sign-ins under (security.rate_limit.SignInLimiter), never an identity."""
+    try:
+        sub = jwt.decode(token, options={"verify_signature": False}).get("sub")
+    except (jwt.InvalidTokenError, AttributeError, ValueError):
+        return None
+    return sub[:128] if isinstance(sub, str) and sub else None

@@ -49,3 +49,44 @@ class RateLimiter:
         for item in self.items:
             self._limiter.hit(item, key)
         return None
+
+
+class SignInLimiter:
+    """Failed sign-ins, counted per presented key *and* per client address.
+
+    - Per key (an API key's id, a JWT's subject; other tokens count as themselves): after
+      ``per_key`` failures in a minute, that key is refused (429) from every address until the
+      window passes, valid secret or not, so that brute force on one key gets nowhere and a right
+      guess is not even confirmed.
+    - Per address: ``per_address`` failures in a minute (many keys failing) make the address
+      clearly abusive; it is then refused for every key *except* those that signed in successfully
+      from it within ``remember_minutes``. So one attacker behind a shared proxy or NAT (one address
+      for everyone) cannot lock out the people behind it whose keys are in use, and cannot lock out
+      any other key unless they know its id.
+    """
+
+    def __init__(self, per_key: int, per_address: int, storage_uri: str = "memory://", namespace: str = "authfail",
+                 remember_minutes: int = 60):
+        self.keys = RateLimiter(per_key, None, storage_uri, f"{namespace}-key")
+        self.addresses = RateLimiter(per_address, None, storage_uri, f"{namespace}-addr") if per_address > 0 else None
+        self._signed_in = RateLimitItemPerMinute(1, remember_minutes, namespace=f"{namespace}-ok")
+        self._memory = MovingWindowRateLimiter(storage_from_string(storage_uri))
+
+    def retry_after(self, address: str, key: str) -> tuple[int, str] | None:
+        """(seconds, which limit) if a sign-in with ``key`` from ``address`` must wait; None if not."""
+        wait = self.keys.retry_after(key)
+        if wait is not None:
+            return wait, "failed sign-ins with this key"
+        if self.addresses is not None and (wait := self.addresses.retry_after(address)) is not None:
+            if self._memory.test(self._signed_in, address, key):  # True: no sign-in remembered
+                return wait, "failed sign-ins from this address"
+        return None
+
+    def failed(self, address: str, key: str) -> None:
+        self.keys.hit(key)
+        if self.addresses is not None:
+            self.addresses.hit(address)
+
+    def succeeded(self, address: str, key: str) -> None:
+        if self._memory.test(self._signed_in, address, key):
+            self._memory.hit(self._signed_in, address, key)

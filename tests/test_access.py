@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -349,15 +350,55 @@ def test_rate_limiter_minute_window_and_burst():
     assert [burst.hit("k") is None for _ in range(6)] == [True] * 5 + [False]
 
 
-def test_failed_sign_ins_are_limited_per_address(tmp_path: Path):
-    container, _ = make(tmp_path, auth_failures_per_minute=3)
-    good = container.api_keys.create("a", "user")[0]
+def test_failed_sign_ins_are_limited_per_key_and_per_address_without_locking_out_neighbours(tmp_path: Path):
+    """Behind one proxy everyone shares an address: an attacker there must not lock out the others'
+    valid keys, while brute force on one key is still throttled (even a right guess gets 429)."""
+    container, _ = make(tmp_path, auth_failures_per_minute=3, auth_failures_per_address_per_minute=8)
+    alice, bob, carol = (container.api_keys.create(n, "user")[0] for n in ("alice", "bob", "carol"))
     app = create_app(container)
-    attacker = TestClient(app, client=("127.0.0.2", 1))
-    for _ in range(3):
-        assert_error(get(attacker, "/v1/models", "enc_000000000000_" + "x" * 43), 401, "invalid_api_key")
-    assert_error(get(attacker, "/v1/models", good), 429, "rate_limit_exceeded")  # even a good key, for now
-    assert get(TestClient(app, client=("127.0.0.3", 1)), "/v1/models", good).status_code == 200
+    proxy = TestClient(app, client=("127.0.0.2", 1))  # the attacker and alice, bob, carol behind one proxy
+    elsewhere = TestClient(app, client=("127.0.0.3", 1))
+    assert get(proxy, "/v1/models", alice).status_code == 200  # alice's key is in use from the proxy
+
+    def random_key() -> str:
+        return f"enc_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+    for _ in range(3):  # other keys' failures from the same address
+        assert_error(get(proxy, "/v1/models", random_key()), 401, "invalid_api_key")
+        assert_error(get(proxy, "/v1/models", "not-a-key"), 401, "invalid_token")
+    for key in (alice, bob, carol):
+        assert get(proxy, "/v1/models", key).status_code == 200
+
+    carol_id = carol.split("_")[1]
+    for _ in range(3):  # brute force on carol's key
+        assert_error(get(proxy, "/v1/models", f"enc_{carol_id}_{secrets.token_urlsafe(32)}"), 401, "invalid_api_key")
+    assert_error(get(proxy, "/v1/models", carol), 429, "rate_limit_exceeded")  # throttled, right guess included
+    assert_error(get(elsewhere, "/v1/models", carol), 429, "rate_limit_exceeded")  # from anywhere
+    assert get(proxy, "/v1/models", alice).status_code == 200 and get(proxy, "/v1/models", bob).status_code == 200
+
+    for _ in range(8):  # now the address is clearly abusive
+        get(proxy, "/v1/models", random_key())
+    assert_error(get(proxy, "/v1/models", random_key()), 429, "rate_limit_exceeded")
+    assert get(proxy, "/v1/models", alice).status_code == 200  # keys that signed in from it keep working
+    assert get(proxy, "/v1/models", bob).status_code == 200
+    dave = container.api_keys.create("dave", "user")[0]
+    response = get(proxy, "/v1/models", dave)  # never signed in from there: waits like the attacker
+    assert_error(response, 429, "rate_limit_exceeded")
+    assert "address" in response.json()["error"]["message"] and response.headers["retry-after"]
+    assert get(elsewhere, "/v1/models", dave).status_code == 200
+
+
+def test_an_untrusted_proxy_sending_forwarded_for_is_warned_about_once(tmp_path: Path, caplog):
+    settings = Settings(data_dir=tmp_path / "var", server={"ip_allowlist": [], "trusted_proxies": ["10.0.0.1"]})
+    app = create_app(Container(settings))
+    with caplog.at_level("WARNING", logger="enclave.security"):
+        for _ in range(3):
+            assert _from(app, "10.0.0.9", "203.0.113.7").status_code == 200  # a proxy nobody listed
+        assert _from(app, "10.0.0.1", "203.0.113.7").status_code == 200  # the trusted one
+        assert _from(app, "10.0.0.10").status_code == 200  # no X-Forwarded-For
+        assert _from(app, "8.8.4.4", "198.51.100.1").status_code == 200  # a public address: not a proxy of ours
+    warnings = [r.getMessage() for r in caplog.records if "trusted_proxies" in r.getMessage()]
+    assert len(warnings) == 1 and "10.0.0.9" in warnings[0], warnings
 
 
 # --- IP allowlist and X-Forwarded-For ----------------------------------------------------------

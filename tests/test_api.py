@@ -368,6 +368,149 @@ def test_full_queue_answers_503_before_a_stream_starts(server):
         scheduler.max_batch_size, scheduler.max_queue = limits
 
 
+def test_a_burst_gets_whole_streams_or_503_before_the_first_byte(server):
+    """12 streamed chats at once against 2 running + 2 waiting places: each one either streams to
+    [DONE] without an error event, or is refused with 503 + Retry-After before any stream byte."""
+    scheduler = server["container"].generation_engine.scheduler
+    limits = scheduler.max_batch_size, scheduler.max_queue
+    scheduler.max_batch_size, scheduler.max_queue = 2, 2
+    ask = {"messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+           "max_tokens": MAX_NEW_TOKENS, "stream": True, "rag": False}
+    start = threading.Barrier(12)
+    outcomes: list[tuple[int, str | None, str] | BaseException] = []
+
+    def one() -> None:
+        try:
+            with http(server, "user") as c:
+                start.wait()
+                with c.stream("POST", "/v1/chat/completions", json=ask) as response:
+                    body = "".join(f"{line}\n" for line in response.iter_lines())
+                    outcomes.append((response.status_code, response.headers.get("retry-after"), body))
+        except BaseException as exc:  # reported below with the others
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        scheduler.max_batch_size, scheduler.max_queue = limits
+    assert len(outcomes) == 12 and not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    served = [body for status, _, body in outcomes if status == 200]
+    refused = [(retry, body) for status, retry, body in outcomes if status == 503]
+    assert len(served) + len(refused) == 12, [o[:2] for o in outcomes]
+    assert served and refused  # the burst really exceeded the 4 places
+    for body in served:
+        events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", body
+        assert not any('"error"' in e for e in events), body
+    for retry, body in refused:
+        assert retry and not body.startswith("data:")
+        assert json.loads(body)["error"]["code"] == "server_busy"
+    while scheduler.running or scheduler.waiting:  # every place was given back
+        time.sleep(0.05)
+
+
+def test_knowledge_base_names_are_checked_before_any_path_is_built(server):
+    """A name that cannot be a knowledge base is a 400 whatever exists on disk under it (no file
+    oracle), a valid unknown name a 404; nothing answers 500."""
+    up = "../" * len(server["container"].kb_store.index_root.resolve().parts)  # from the index folder to /
+    outside = [f"{up}etc/passwd", f"{up}etc", f"{up}etc/no-such-file", "default\u0000", "a..b", "x/y", "-x",
+               "k" * 129, ""]
+    with http(server, "admin") as admin:
+        bodies = []
+        for name in outside:
+            for path, body in [("/v1/search", {"query": "leave", "knowledge_base": name}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "leave?"}],
+                                                         "knowledge_base": name, "max_tokens": 4}),
+                               ("/v1/knowledge_bases", {"name": name}),
+                               ("/v1/keys", {"name": "bot", "role": "service", "knowledge_base": name})]:
+                response = admin.post(path, json=body)
+                assert response.status_code == 400, (path, name, response.text)
+                error = response.json()["error"]
+                assert error["code"] == "invalid_request"
+                bodies.append((path, error["message"]))
+        # The same answer for a file, a folder and nothing at all under the same parent.
+        assert len({m for p, m in bodies if p == "/v1/search"}) == 1
+        for encoded in ["default%00", "a..b", "%2e%2e"]:
+            for method, path in [("GET", f"/v1/knowledge_bases/{encoded}/documents"),
+                                 ("DELETE", f"/v1/knowledge_bases/{encoded}"),
+                                 ("DELETE", f"/v1/knowledge_bases/{encoded}/documents/1")]:
+                response = admin.request(method, path)
+                assert response.status_code in (400, 404) and response.status_code != 500, (path, response.text)
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+            upload = admin.post(f"/v1/knowledge_bases/{encoded}/documents", files={"file": ("x.txt", b"hello")})
+            assert upload.status_code in (400, 404), upload.text
+        missing = admin.post("/v1/search", json={"query": "leave", "knowledge_base": "no-such-kb"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "knowledge_base"
+    assert not (server["container"].settings.resolved_data_dir / "uploads" / "a..b").exists()
+
+
+def test_lone_surrogates_and_overlong_file_names_are_400_not_500(server):
+    """JSON can spell a lone UTF-16 surrogate ("\\ud800") that no encoder accepts; every text field
+    refuses it up front, and an upload name too long for a file system is refused by name."""
+    lone = "\\ud800"  # as it appears in the JSON text
+    bodies = {
+        "/v1/embeddings": f'{{"input": "{lone}"}}',
+        "/v1/search": f'{{"query": "leave {lone}"}}',
+        "/v1/chat/completions": f'{{"messages": [{{"role": "user", "content": "leave{lone}?"}}], "max_tokens": 4}}',
+        "/v1/feedback": f'{{"completion_id": "x", "rating": 1, "correction": "{lone}"}}',
+        "/v1/knowledge_bases": f'{{"name": "kb{lone}"}}',
+        "/v1/keys": f'{{"name": "bot{lone}"}}',
+    }
+    chat = '{{"messages": [{{"role": "user", "content": "leave?"}}], {}, "max_tokens": 4}}'
+    more = [("/v1/chat/completions", chat.format(f'"user": "{lone}"')),  # stored with the conversation
+            ("/v1/chat/completions", chat.format(f'"x{lone}": 1'))]  # in a key
+    with http(server, "admin") as admin:
+        for path, body in [*bodies.items(), *more]:
+            response = admin.post(path, content=body.encode(), headers={"content-type": "application/json"})
+            assert response.status_code == 400, (path, response.text)
+            assert response.json()["error"]["code"] == "invalid_request" and "surrogate" in response.json()["error"]["message"]
+        assert admin.post("/v1/embeddings", content='{"input": "\\ud83d\\ude00 fine"}'.encode(),
+                          headers={"content-type": "application/json"}).status_code == 200  # a proper pair is text
+        long_name = "n" * 300 + ".txt"
+        upload = admin.post("/v1/knowledge_bases/default/documents", files={"file": (long_name, b"hello")})
+        assert upload.status_code == 400 and upload.json()["error"]["code"] == "invalid_file_name", upload.text
+    assert not any(p.name.startswith("nnnn") for p in (server["container"].settings.resolved_data_dir / "uploads").rglob("*"))
+
+
+def test_a_conversation_withholds_sources_its_reader_can_no_longer_read(server):
+    """Stored sources are shown under the reader's current access: once a document's groups are
+    narrowed, its snippet, title and path no longer come back through the conversation."""
+    note = ("# Locker codes\n\nThe Harwich depot locker codes rotate every Tuesday and are kept by the night "
+            "supervisor, Ilse Marchetti, in the grey binder.\n")
+    with http(server, "admin") as admin, http(server, "hr") as hr:
+        up = admin.post("/v1/knowledge_bases/default/documents", files={"file": ("lockers.md", note.encode())},
+                        data={"groups": "hr"})
+        assert up.status_code == 201, up.text
+        chat = hr.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Who keeps the Harwich depot locker codes?"}], "max_tokens": 8})
+        assert chat.status_code == 200, chat.text
+        assert any(s["source"] == "lockers.md" for s in chat.json()["sources"])
+        conversation = f"/v1/conversations/{chat.json()['conversation_id']}"
+
+        def sources() -> list[dict]:
+            response = hr.get(conversation)
+            assert response.status_code == 200, response.text
+            return [s for m in response.json()["messages"] for s in m["sources"]]
+
+        before = sources()
+        shown = [s for s in before if s["source"] == "lockers.md"]
+        assert shown and "Harwich" in shown[0]["snippet"] and not shown[0].get("withheld")
+        narrowed = admin.post("/v1/knowledge_bases/default/documents", files={"file": ("lockers.md", note.encode())},
+                              data={"groups": "finance"})
+        assert narrowed.status_code == 201 and narrowed.json()["groups"] == ["finance"], narrowed.text
+        after = sources()
+        assert [s["index"] for s in after] == [s["index"] for s in before]  # each still listed, by number
+        assert not any(s["source"] == "lockers.md" for s in after)
+        withheld = [s for s in after if s["withheld"]]
+        assert withheld and all(s["snippet"] is None and s["title"] is None and s["quote"] is None for s in withheld)
+        assert "Harwich" not in json.dumps(after) and "Locker codes" not in json.dumps(after)
+        assert admin.delete(f"/v1/knowledge_bases/default/documents/{up.json()['id']}").status_code == 200
+
+
 def test_malformed_json_and_oversized_prompt(server):
     with http(server, "user") as c:
         bad = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})

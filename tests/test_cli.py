@@ -70,6 +70,11 @@ def test_clear_errors(cli, tmp_path: Path):
     assert "unknown knowledge base 'nope'" in unknown.stderr
     bad_name = cli("ingest", "run", str(SAMPLES / "it"), "--kb", "../x", expect=2)
     assert "invalid knowledge base name" in bad_name.stderr
+    for outside in ("../../../../etc/passwd", "../../../../etc", "a..b"):  # refused before a path is built
+        refused = cli("enclave", "search", "anything", "--kb", outside, expect=2)
+        assert "invalid knowledge base name" in refused.stderr and "Traceback" not in refused.stderr
+    refused = cli("ingest", "list", "--kb", "../../../../etc", expect=2)
+    assert "invalid knowledge base name" in refused.stderr
 
 
 def _audit_records(cli, tmp_path: Path) -> list[dict]:

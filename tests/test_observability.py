@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.app import create_app
 from app.container import Container
-from app.logs import configure_logging, redact
+from app.logs import RedactingJsonFormatter, configure_logging, redact
 from app.settings import Settings
 from tests.conftest import REPO, SAMPLES
 
@@ -217,6 +217,33 @@ def test_redaction_of_secret_shapes():
     for secret in (key, "tok.en-123", "hunter2", "sk-live-1"):
         assert secret not in line
     assert "postgresql+psycopg://enclave:[REDACTED]@db:5432/x" in line
+
+
+def test_redaction_scrubs_values_not_the_words_around_them():
+    plain = ["bearer token refused from 10.0.0.1: Signature has expired", "invalid token: Signature has expired",
+             "invalid API key (bearer tokens other than API keys are not enabled)", "the token was revoked",
+             "password reset requested", "Bearer authentication failed"]
+    for line in plain:
+        assert redact(line) == line
+    jwt_like = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    secrets_in = {f"Bearer {jwt_like}": jwt_like, "token=abc": "abc", "access_token: 9f8e7d6c5b4a3f2e": "9f8e7d6c5b4a3f2e",
+                  "{'token': 'short', 'password': 'pw'}": "short", "password: hunter2": "hunter2",
+                  "authorization=Basic dXNlcjpwYXNz": "dXNlcjpwYXNz", "Authorization: Bearer x": "Bearer x"}
+    for line, secret in secrets_in.items():
+        assert secret not in redact(line) and "[REDACTED]" in redact(line), line
+    # Through the JSON formatter (quotes escaped in the output): the same.
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(RedactingJsonFormatter(["message"]))
+    logger = logging.getLogger("enclave.test.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("bearer token refused; body %s", json.dumps({"token": "short1"}))
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(buffer.getvalue().splitlines()[-1])["message"]
+    assert line.startswith("bearer token refused; body ") and "short1" not in line and "[REDACTED]" in line
 
 
 def test_dashboard_only_charts_series_the_app_exposes(traffic):

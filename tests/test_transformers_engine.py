@@ -300,6 +300,35 @@ def test_full_queue_is_busy_at_once(smol):
         run(small.close())
 
 
+def test_a_stream_holds_its_place_from_the_call_and_gives_it_back_unread(smol):
+    """The place is taken when ``stream`` returns (a server can promise a stream), and given back
+    by closing or dropping the stream, even one never read (a client that left before the stream
+    started)."""
+    small = make_engine(smol, max_batch_size=1, max_queue=0)
+
+    async def free():
+        while small.scheduler.running or small.scheduler.waiting:  # dropped at the next step boundary
+            await asyncio.sleep(0.01)
+
+    async def scenario():
+        held = small.stream(ask("Write a long story about a lighthouse.", max_new_tokens=200))
+        with pytest.raises(EngineBusy):  # the only place is taken although nothing was read yet
+            small.stream(ask("What is 2 + 2?", max_new_tokens=3))
+        await held.aclose()  # never read
+        await free()
+        dropped = small.stream(ask("Write a long story about a lighthouse.", max_new_tokens=200))
+        with pytest.raises(EngineBusy):
+            small.stream(ask("What is 2 + 2?", max_new_tokens=3))
+        del dropped  # never read, never closed: garbage
+        await free()
+        return await small.generate(ask("What is 2 + 2?", max_new_tokens=3))
+
+    try:
+        assert run(scenario()).completion_tokens == 3
+    finally:
+        run(small.close())
+
+
 def test_prompt_too_long(smol):
     tiny_window = make_engine(smol, context_window=256)
     try:

@@ -21,6 +21,7 @@ from app.api.routers import admin, chat, health, metrics, models, search
 from app.container import Container
 from app.private import use_private_umask
 from app.settings import Settings
+from app.uploads import Uploads
 
 log = logging.getLogger("enclave.api")
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -64,6 +65,7 @@ def create_app(container: Container) -> FastAPI:
         faiss.omp_set_num_threads(1)
         # Build the heavy parts once, before the first request: database, embedder, model.
         await run_in_threadpool(lambda: (container.engine, container.kb_store, container.embedder.model))
+        await run_in_threadpool(app.state.uploads.recover)  # what uploads killed halfway left behind
         engine = container.generation_engine
         await engine.start()
         app_metrics.ENGINE.attach(engine, engine.name)
@@ -100,6 +102,9 @@ def create_app(container: Container) -> FastAPI:
         description="Self-hosted, permission-aware retrieval-augmented assistant. OpenAI-compatible.",
     )
     app.state.container = container
+    app.state.uploads = Uploads(container.settings.resolved_data_dir / "uploads",
+                                documents=lambda kb, root: container.kb_store.documents(kb, root=root),
+                                ingest=lambda path, kb, groups: container.pipeline.run(path, kb, groups))
     errors.install(app, on_denied=record_denial)
     server = container.settings.server
     # Built now so that a broken OIDC configuration (unreadable JWKS file) stops the start.

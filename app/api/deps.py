@@ -2,22 +2,42 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
+from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import AfterValidator
 
 from app.api.errors import ApiError
 from app.container import Container
-from security.api_keys import TOKEN_PREFIX
-from security.jwt_auth import TokenError
+from app.uploads import Uploads
+from retrieval.names import KB_NAME_RULE, is_kb_name
+from security.api_keys import TOKEN_PREFIX, presented_key_id
+from security.jwt_auth import TokenError, unverified_subject
 from security.principal import Principal
 
 log = logging.getLogger("enclave.security")
 
 
+def _kb_name(name: str) -> str:
+    if not is_kb_name(name):
+        raise ValueError(f"invalid knowledge base name; use {KB_NAME_RULE}")
+    return name
+
+
+# A knowledge-base name from a request (body field or path): one that cannot be a knowledge base is
+# a 400 before any path, query or audit record is built from it (retrieval.names).
+KnowledgeBaseName = Annotated[str, AfterValidator(_kb_name)]
+
+
 def container(request: Request) -> Container:
     return request.app.state.container
+
+
+def uploads(request: Request) -> Uploads:
+    return request.app.state.uploads
 
 
 def _bearer(request: Request) -> str:
@@ -40,14 +60,28 @@ def _too_many(wait: int, what: str) -> ApiError:
                     headers={"Retry-After": str(wait)})
 
 
+def sign_in_key(token: str) -> str:
+    """What failed sign-ins with ``token`` are counted under: the API key's id, the subject a JWT
+    claims (unverified: a name for counting only), or else the token's own hash."""
+    key_id = presented_key_id(token)
+    if key_id is not None:
+        return f"key:{key_id}"
+    subject = unverified_subject(token)
+    if subject is not None:
+        return f"sub:{subject}"
+    return "token:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:32]
+
+
 def principal(request: Request, c: Container = Depends(container)) -> Principal:
     """Authenticates the bearer token: `enc_...` is an API key, anything else a JWT when OIDC is on.
-    Then applies the failed-sign-in limit per address and the request limit per principal."""
+    Then applies the failed-sign-in limits (per key and per address, security.rate_limit.SignInLimiter)
+    and the request limit per principal."""
     token = _bearer(request)
     address = client_address(request)
+    counted_as = sign_in_key(token)
     failures = c.auth_failure_limiter
-    if failures is not None and (wait := failures.retry_after(address)) is not None:
-        raise _too_many(wait, "failed sign-ins from this address")
+    if failures is not None and (limited := failures.retry_after(address, counted_as)) is not None:
+        raise _too_many(*limited)
     who: Principal | None = None
     if token.startswith(f"{TOKEN_PREFIX}_"):
         found = c.api_keys.authenticate(token)
@@ -64,8 +98,10 @@ def principal(request: Request, c: Container = Depends(container)) -> Principal:
             message = "invalid API key (bearer tokens other than API keys are not enabled)"
     if who is None:
         if failures is not None:
-            failures.hit(address)
+            failures.failed(address, counted_as)
         raise ApiError(401, message, code, headers={"WWW-Authenticate": f'Bearer error="{code}"'})
+    if failures is not None:
+        failures.succeeded(address, counted_as)
     if who.role == "service" and who.knowledge_base is None:
         # Service accounts only ever act within one knowledge base; an unpinned one is refused.
         raise ApiError(403, "service accounts must be limited to one knowledge base", "forbidden")

@@ -98,6 +98,7 @@ def install(app: FastAPI, on_denied: Callable[[Request, ApiError], None] | None 
     """``on_denied``: called (in a worker thread) for each 401/403, to audit it; if it raises
     AuditUnavailable the answer is a 503 instead."""
     from app.services.audit import AuditUnavailable
+    from app.services.outcomes import outcome_of
 
     app.add_middleware(AnswerUnhandled)
 
@@ -125,27 +126,21 @@ def install(app: FastAPI, on_denied: Callable[[Request, ApiError], None] | None 
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         return error_response(400, f"{param + ': ' if param else ''}{first.get('msg')}", "invalid_request", param)
 
-    @app.exception_handler(PromptTooLong)
-    async def _too_long(_: Request, exc: PromptTooLong):
-        return error_response(400, str(exc), "context_length_exceeded", "messages")
+    async def _library_error(_: Request, exc: Exception):
+        # What each failure means comes from the one outcome table (app/services/outcomes.py),
+        # shared with the audit records and the CLI.
+        outcome = outcome_of(exc)
+        if isinstance(exc, KnowledgeBaseUnavailable):
+            log.error("%s", exc)
+        message = f"generation failed: {exc}" if outcome.code == "engine_error" else str(exc)
+        param = "messages" if outcome.code == "context_length_exceeded" else None
+        headers = {"Retry-After": "2"} if outcome.code == "server_busy" else None
+        return error_response(outcome.status, message, outcome.code, param, headers)
 
-    @app.exception_handler(EngineBusy)
-    async def _busy(_: Request, exc: EngineBusy):
-        return error_response(503, str(exc), "server_busy", headers={"Retry-After": "2"})
+    from app.services.documents import DocumentNotFound
 
-    @app.exception_handler(EngineError)
-    async def _engine(_: Request, exc: EngineError):
-        return error_response(502, f"generation failed: {exc}", "engine_error")
-
-    @app.exception_handler(KnowledgeBaseUnavailable)
-    async def _kb_unavailable(_: Request, exc: KnowledgeBaseUnavailable):
-        log.error("%s", exc)
-        return error_response(503, str(exc), "knowledge_base_unavailable")
-
-    @app.exception_handler(KnowledgeBaseError)
-    async def _kb(_: Request, exc: KnowledgeBaseError):
-        status = 404 if "unknown knowledge base" in str(exc) else 400
-        return error_response(status, str(exc), "knowledge_base")
+    for kind in (PromptTooLong, EngineBusy, EngineError, KnowledgeBaseError, DocumentNotFound):
+        app.add_exception_handler(kind, _library_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -56,6 +56,40 @@ class IpAllowlistMiddleware:
         return await self.app(scope, receive, send)
 
 
+class UntrustedProxyWarning:
+    """Warns (once per peer) when a private, proxy-like address sends X-Forwarded-For without being
+    in ``server.trusted_proxies``: everyone behind that proxy then shares its address (the
+    allowlist entry, the failed sign-ins counted per address), which is rarely what was meant."""
+
+    _MAX_WARNED = 1024  # peers remembered; a flood of addresses must not grow this without bound
+
+    def __init__(self, app, trusted: list[Network]):
+        self.app = app
+        self.trusted = trusted
+        self.warned: set[str] = set()
+
+    def _untrusted_proxy(self, host: str | None) -> bool:
+        try:
+            ip = ipaddress.ip_address(host or "")
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.is_private and not any(ip.version == net.version and ip in net for net in self.trusted)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            host = scope["client"][0] if scope.get("client") else None
+            if (host not in self.warned and len(self.warned) < self._MAX_WARNED
+                    and any(name == b"x-forwarded-for" for name, _ in scope.get("headers", ()))
+                    and self._untrusted_proxy(host)):
+                self.warned.add(host)
+                log.warning("requests from %s carry X-Forwarded-For but %s is not in server.trusted_proxies: "
+                            "every client behind it is treated as %s (allowlist, failed sign-ins); list the "
+                            "proxy there if it is yours", host, host, host)
+        return await self.app(scope, receive, send)
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -103,8 +137,11 @@ class BodyLimitMiddleware:
 
 
 def install(app, *, ip_allowlist: list[str], trusted_proxies: list[str], max_body_bytes: int) -> None:
-    """Adds the guards; the last added runs first: proxy headers, then the allowlist, then the cap."""
+    """Adds the guards; the last added runs first: the untrusted-proxy warning, proxy headers, then
+    the allowlist, then the cap."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(IpAllowlistMiddleware, networks=parse_networks(ip_allowlist))
     if trusted_proxies:
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))
+    # Outermost: it must see the direct peer, before ProxyHeadersMiddleware rewrites it.
+    app.add_middleware(UntrustedProxyWarning, trusted=parse_networks(trusted_proxies))

@@ -50,6 +50,15 @@ def set_config(config: Path | None) -> None:
     State._container = None
 
 
+def kb_name(value: str | None) -> str | None:
+    """``--kb``: refused (usage error, exit 2) unless it can be a knowledge-base name (retrieval.names)."""
+    from retrieval.names import KB_NAME_RULE, is_kb_name
+
+    if value is not None and not is_kb_name(value):
+        raise typer.BadParameter(f"invalid knowledge base name {value!r}; use {KB_NAME_RULE}")
+    return value
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from ingest.acl import AclError
     from ingest.pipeline import IngestError

@@ -15,7 +15,7 @@ from rich.text import Text
 from rich.table import Table
 
 from app.cli.audit_cli import cli_actor
-from app.cli.common import ConfigOption, State, cli_errors, console, out, set_config
+from app.cli.common import ConfigOption, State, cli_errors, console, kb_name, out, set_config
 
 app = typer.Typer(help="Ingest documents into a knowledge base.", no_args_is_help=True)
 
@@ -62,7 +62,7 @@ def _split_groups(groups: str | None) -> list[str] | None:
 @cli_errors
 def run(
     path: Annotated[Path, typer.Argument(help="Folder (or single file) to ingest.")],
-    kb: Annotated[str | None, typer.Option("--kb", help="Knowledge base (default from config).")] = None,
+    kb: Annotated[str | None, typer.Option("--kb", callback=kb_name, help="Knowledge base (default from config).")] = None,
     groups: Annotated[str | None, typer.Option("--groups", help="Comma-separated groups for files no ACL rule matches.")] = None,
     no_delete: Annotated[bool, typer.Option("--no-delete", help="Keep documents whose files disappeared.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
@@ -119,7 +119,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @app.command("list")
 @cli_errors
 def list_documents(
-    kb: Annotated[str | None, typer.Option("--kb")] = None,
+    kb: Annotated[str | None, typer.Option("--kb", callback=kb_name)] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Documents of a knowledge base with their groups and chunk counts."""
@@ -141,7 +141,7 @@ def list_documents(
 @cli_errors
 def remove(
     target: Annotated[str, typer.Argument(help="Document id, file path, or folder path.")],
-    kb: Annotated[str | None, typer.Option("--kb")] = None,
+    kb: Annotated[str | None, typer.Option("--kb", callback=kb_name)] = None,
 ) -> None:
     """Remove documents (and their chunks and vectors) from a knowledge base."""
     removed = State.container().documents.remove(cli_actor(), target, kb)

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from app.cli.audit_cli import audit_app, cli_actor
-from app.cli.common import ConfigOption, State, cli_errors, out, set_config
+from app.cli.common import ConfigOption, State, cli_errors, kb_name, out, set_config
 from app.cli.common import console as err
 
 app = typer.Typer(help="Enclave: self-hosted, permission-aware retrieval-augmented assistant.", no_args_is_help=True)
@@ -80,7 +80,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
 @cli_errors
 def search(
     query: Annotated[str, typer.Argument(help="The question or keywords.")],
-    kb: Annotated[str | None, typer.Option("--kb", help="Knowledge base (default from config).")] = None,
+    kb: Annotated[str | None, typer.Option("--kb", callback=kb_name, help="Knowledge base (default from config).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=100)] = 5,
     as_group: Annotated[
         list[str] | None,
@@ -129,7 +129,7 @@ def keys_create(
     name: Annotated[str, typer.Argument(help="What the key is for, e.g. 'helpdesk-bot'.")],
     role: Annotated[str, typer.Option(help="admin | user | service")] = "user",
     groups: Annotated[str | None, typer.Option(help="Comma-separated access groups.")] = None,
-    kb: Annotated[str | None, typer.Option("--kb", help="Pin the key to one knowledge base (service bots).")] = None,
+    kb: Annotated[str | None, typer.Option("--kb", callback=kb_name, help="Pin the key to one knowledge base (service bots).")] = None,
     expires_days: Annotated[int | None, typer.Option("--expires-days", min=1, help="Expire after N days.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:

@@ -30,7 +30,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from app import metrics
 from app.conversations import ConversationStore, new_id
-from llm.engine import ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, PromptTooLong
+from llm.engine import (
+    ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, HeldStream, PromptTooLong,
+)
 from llm.evidence import (
     Evidence, PromptProfile, answer_type, compress, has_type, missing_names, score_sentences, split_sentences,
 )
@@ -200,22 +202,25 @@ class ChatService:
 
     # --- answering --------------------------------------------------------------------------------
 
-    def answer(self, prepared: PreparedChat) -> AsyncIterator[AnswerChunk]:
+    def answer(self, prepared: PreparedChat) -> HeldStream:
         """The answer as a stream of :class:`AnswerChunk` (the last one carries the outcome).
 
-        The engine is asked now, not at the first iteration: a full queue (``EngineBusy``) is raised
-        here, before a streaming response has started, so the client gets a clean 503 instead of a
-        200 whose stream breaks off.
+        The engine is asked now, not at the first iteration: the in-process engine queues the request
+        here (a full queue raises ``EngineBusy`` before a streaming response has started, so the
+        client gets a clean 503 instead of a 200 whose stream breaks off). The returned stream holds
+        that place: close it (``aclose``) or call ``release()`` if it will not be read.
         """
         if prepared.request is None:
-            return self._without_model(prepared)
+            return HeldStream(self._without_model(prepared), lambda: None)
         prepared.request.request_id = prepared.completion_id
         try:
             chunks = self.engine.stream(prepared.request)
         except EngineBusy:
             metrics.GENERATION_REQUESTS.labels(self.engine.name, "rejected").inc()
             raise
-        return self._generated(prepared, self._measured(prepared, chunks))
+        # Closing (or dropping) the answer before it was read gives the engine's place back.
+        return HeldStream(self._generated(prepared, self._measured(prepared, chunks)),
+                          getattr(chunks, "release", lambda: None))
 
     async def _without_model(self, prepared: PreparedChat) -> AsyncIterator[AnswerChunk]:
         text, outcome = self._fallback(prepared)
@@ -402,8 +407,33 @@ class ChatService:
         cited = {int(n) for n in CITATION.findall(answer)}
         public = outcome.sources if outcome is not None else [
             {k: v for k, v in s.items() if k != "text"} for s in prepared.sources]
-        sources = [{**s, "cited": s["index"] in cited} for s in public]
+        # Stored without any text (no snippet, title or quote): a conversation shows each source as
+        # its reader may read it when they look (shown_sources), not as they could when they asked.
+        sources = [{"index": s["index"], "chunk_id": s["chunk_id"], "cited": s["index"] in cited,
+                    "quote": {"spans": s["quote"]["spans"], "supports_answer": s["quote"]["supports_answer"]}
+                    if s.get("quote") else None} for s in public]
         return self.conversations.record_exchange(
             chat.conversation_id, who.subject, chat.user, chat.knowledge_base if chat.rag else None, prepared.question,
             answer, prepared.completion_id, sources, prompt_tokens, completion_tokens,
         )
+
+    def shown_sources(self, stored: list[list[dict]], reader: Principal) -> list[list[dict]]:
+        """Stored sources (one list per message) as ``reader`` may see them now: a chunk that still
+        exists and that the reader may still read is shown from its current row (source, title,
+        snippet, quote); any other is ``withheld``, with nothing of its text, title or path."""
+        ids = {s.get("chunk_id") for sources in stored for s in sources}
+        readable = self.retriever.readable_chunks(sorted(i for i in ids if isinstance(i, int)), reader)
+        return [[self._shown(s, readable.get(s.get("chunk_id"))) for s in sources] for sources in stored]
+
+    def _shown(self, stored: dict, chunk) -> dict:
+        shown = {"index": stored.get("index"), "chunk_id": None, "source": None, "title": None, "page": None,
+                 "snippet": None, "quote": None, "cited": bool(stored.get("cited")), "withheld": chunk is None}
+        if chunk is None:
+            return shown
+        quote = stored.get("quote") or {}
+        spans = [{"start": sp["start"], "end": sp["end"]} for sp in quote.get("spans") or []
+                 if isinstance(sp, dict) and 0 <= sp.get("start", -1) < sp.get("end", -1) <= len(chunk.text)]
+        return {**shown, "chunk_id": chunk.chunk_id, "source": chunk.source, "title": chunk.title, "page": chunk.page,
+                "snippet": chunk.text[: self.snippet_chars],
+                "quote": {"text": " … ".join(chunk.text[sp["start"]:sp["end"]] for sp in spans), "spans": spans,
+                          "supports_answer": bool(quote.get("supports_answer"))} if spans else None}

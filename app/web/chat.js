@@ -456,7 +456,7 @@ class AnswerView {
       if (match.index > last) nodes.push(this.text.slice(last, match.index));
       nodes.push(h("button", {
         type: "button", class: "cite", "aria-controls": "citation-panel", dataset: { index: source.index },
-        title: `${source.title || source.source}${source.page ? `, page ${source.page}` : ""}`,
+        title: `${sourceLabel(source)}${source.page ? `, page ${source.page}` : ""}`,
         onclick: (event) => showPassage(source, event.currentTarget),
       }, `[${source.index}]`));
       last = match.index + match[0].length;
@@ -516,6 +516,11 @@ function nearBottom() {
   return t.scrollHeight - t.scrollTop - t.clientHeight < 80;
 }
 
+/** A source's name; a source the reader may no longer read comes back without one (withheld). */
+function sourceLabel(source) {
+  return source.withheld ? "Withheld: you can no longer read this source" : source.title || source.source;
+}
+
 /** A clickable source line: [n] title — path · page (opens the passage panel). */
 function sourceButton(source, note) {
   return h("button", {
@@ -523,8 +528,8 @@ function sourceButton(source, note) {
     onclick: (event) => showPassage(source, event.currentTarget),
   },
   h("span", { class: "source-num" }, `[${source.index}]`), " ",
-  h("span", { class: "source-title" }, source.title || source.source), " ",
-  h("span", { class: "source-path mono" }, source.source),
+  h("span", { class: "source-title" }, sourceLabel(source)), " ",
+  h("span", { class: "source-path mono" }, source.source || ""),
   source.page ? h("span", { class: "source-page" }, ` · page ${source.page}`) : null,
   note ? h("span", { class: "badge" }, note) : null);
 }
@@ -533,8 +538,8 @@ function sourceButton(source, note) {
 
 function showPassage(source, trigger) {
   el.panelHeading.textContent = `Passage [${source.index}]`;
-  el.panelTitle.textContent = source.title || source.source;
-  el.panelSource.textContent = source.source;
+  el.panelTitle.textContent = sourceLabel(source);
+  el.panelSource.textContent = source.source || "";
   const hasPage = source.page !== null && source.page !== undefined;
   el.panelPage.textContent = hasPage ? String(source.page) : "";
   el.panelPage.hidden = !hasPage;

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from app.api.audit import AuditTrail, trail
-from app.api.deps import container, require
+from app.api.deps import KnowledgeBaseName, container, require, uploads
 from app.api.errors import ApiError
+from app.api.schemas import RequestBody
 from app.container import Container
+from app.uploads import Uploads
 from ingest.loaders import file_type_for
 from security.api_keys import ApiKeyError
 from security.principal import Principal
@@ -22,11 +24,13 @@ from security.principal import Principal
 router = APIRouter(tags=["admin"])
 admin = require()  # administrators only
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+# File systems allow 255 bytes per name; the rest is room for the temporary name of an upload in progress.
+MAX_NAME_BYTES = 200
 _SAFE_NAME = re.compile(r"[^\w.\- ]+", re.UNICODE)
 
 
-class KnowledgeBaseIn(BaseModel):
-    name: str = Field(..., min_length=1, max_length=128)
+class KnowledgeBaseIn(RequestBody):
+    name: KnowledgeBaseName
 
 
 @router.get("/v1/knowledge_bases", summary="Knowledge bases with document and chunk counts")
@@ -50,7 +54,7 @@ async def create_kb(body: KnowledgeBaseIn, c: Container = Depends(container), _:
 
 
 @router.delete("/v1/knowledge_bases/{name}", summary="Delete a knowledge base with all its documents")
-async def delete_kb(name: str, c: Container = Depends(container), _: Principal = Depends(admin),
+async def delete_kb(name: KnowledgeBaseName, c: Container = Depends(container), _: Principal = Depends(admin),
                     audit: AuditTrail = Depends(trail)) -> dict:
     async with audit.action("kb.delete", intent=True, knowledge_base=name):
         await run_in_threadpool(c.kb_store.get_kb, name)
@@ -60,7 +64,7 @@ async def delete_kb(name: str, c: Container = Depends(container), _: Principal =
 
 
 @router.get("/v1/knowledge_bases/{name}/documents", summary="Documents of a knowledge base")
-async def list_documents(name: str, c: Container = Depends(container), _: Principal = Depends(admin),
+async def list_documents(name: KnowledgeBaseName, c: Container = Depends(container), _: Principal = Depends(admin),
                          audit: AuditTrail = Depends(trail)) -> dict:
     async with audit.action("document.list", knowledge_base=name):
         await run_in_threadpool(c.kb_store.get_kb, name)
@@ -72,40 +76,41 @@ async def list_documents(name: str, c: Container = Depends(container), _: Princi
 
 @router.post("/v1/knowledge_bases/{name}/documents", status_code=201, summary="Upload and ingest a document")
 async def upload_document(
-    name: str, file: UploadFile = File(...), groups: str = Form(""),
+    name: KnowledgeBaseName, file: UploadFile = File(...), groups: str = Form(""),
     c: Container = Depends(container), _: Principal = Depends(admin), audit: AuditTrail = Depends(trail),
+    files: Uploads = Depends(uploads),
 ) -> dict:
     filename = _SAFE_NAME.sub("_", Path(file.filename or "").name).strip(" .")
     async with audit.action("document.upload", intent=True, knowledge_base=name, detail=f"file {filename}") as act:
-        doc, report = await _ingest_upload(name, file, filename, groups, c)
+        doc, report = await _ingest_upload(name, file, filename, groups, c, files)
         act.update(detail=f"file {filename}; document {doc.id}; sha256 {doc.content_hash}; groups {doc.groups}")
     return {"id": doc.id, "source": doc.source, "chunks": doc.chunk_count, "groups": json.loads(doc.groups),
             "added": report.added, "updated": report.updated}
 
 
-async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str, c: Container):
+async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str, c: Container, files: Uploads):
     if not filename or file_type_for(Path(filename)) is None:
         raise ApiError(415, "unsupported or missing file name; supported: .txt .md .rst .html .pdf .docx .csv",
                        "unsupported_file_type", "file")
+    if len(filename.encode()) > MAX_NAME_BYTES:
+        raise ApiError(400, f"file name too long: at most {MAX_NAME_BYTES} bytes (UTF-8)", "invalid_file_name", "file")
     data = await file.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
         raise ApiError(413, f"files may be at most {MAX_UPLOAD_BYTES // 2**20} MiB", "file_too_large", "file")
     await run_in_threadpool(c.kb_store.ensure_kb, name)
-    folder = c.settings.resolved_data_dir / "uploads" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / filename
-    await run_in_threadpool(target.write_bytes, data)
     group_list = [g.strip() for g in groups.split(",") if g.strip()] or None
-    report = await run_in_threadpool(lambda: c.pipeline.run(target, name, group_list))
+    # Stored under a temporary name and swapped in only once ingested (app/uploads.py): a file that
+    # fails leaves the stored file of that name, and its document, as they were.
+    target, report = await run_in_threadpool(files.store, name, filename, data, group_list)
     if report.failed:
-        target.unlink(missing_ok=True)
         raise ApiError(400, f"{filename}: {report.failures[0].reason}", "unreadable_document", "file")
-    doc = next(d for d in c.kb_store.documents(name, root=str(folder)) if d.source == filename)
+    docs = await run_in_threadpool(c.kb_store.documents, name, str(target.parent))
+    doc = next(d for d in docs if d.source == filename)
     return doc, report
 
 
 @router.delete("/v1/knowledge_bases/{name}/documents/{document_id}", summary="Remove a document")
-async def delete_document(name: str, document_id: int, c: Container = Depends(container), _: Principal = Depends(admin),
+async def delete_document(name: KnowledgeBaseName, document_id: int, c: Container = Depends(container), _: Principal = Depends(admin),
                           audit: AuditTrail = Depends(trail)) -> dict:
     async with audit.action("document.remove", intent=True, knowledge_base=name, detail=f"document {document_id}"):
         removed = await run_in_threadpool(c.pipeline.remove, name, str(document_id))
@@ -122,11 +127,11 @@ async def ingest_runs(c: Container = Depends(container), _: Principal = Depends(
     return {"data": [{**r, "started_at": str(r["started_at"]), "finished_at": str(r["finished_at"] or "")} for r in runs]}
 
 
-class KeyIn(BaseModel):
+class KeyIn(RequestBody):
     name: str = Field(..., min_length=1, max_length=128)
     role: str = Field("user", pattern="^(admin|user|service)$")
     groups: list[str] = Field(default_factory=list, max_length=50)
-    knowledge_base: str | None = Field(None, max_length=128)
+    knowledge_base: KnowledgeBaseName | None = None
     expires_days: int | None = Field(None, ge=1, le=3650)
 
 

@@ -11,9 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import check_kb_access, container, readable_groups, require
+from app.api.deps import KnowledgeBaseName, check_kb_access, container, readable_groups, require
 from app.api.audit import AuditTrail, AuditUnavailable, trail
 from app.api.errors import AUDIT_UNAVAILABLE, ApiError, error_body
+from app.api.schemas import RequestBody
 from app.container import Container
 from app.services.chat import ChatInput, ChatService
 from llm.engine import ChatMessage, EngineBusy, EngineError
@@ -33,7 +34,7 @@ class ChatMessageIn(BaseModel):
     content: str = Field(..., max_length=MAX_MESSAGE_CHARS)
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(RequestBody):
     # OpenAI clients send fields Enclave does not use (presence_penalty, logit_bias, ...): accepted, ignored.
     model_config = ConfigDict(extra="allow")
 
@@ -49,7 +50,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     user: str | None = Field(None, max_length=256)
     # Enclave extensions
-    knowledge_base: str = Field("default", max_length=128)
+    knowledge_base: KnowledgeBaseName = "default"
     rag: bool = True
     top_k: int = Field(5, ge=1, le=20)
     conversation_id: str | None = Field(None, max_length=40)
@@ -138,12 +139,35 @@ async def chat_completions(
     # stream ends with an audit_unavailable error event instead of [DONE]. The first event carries
     # the sources as retrieved; the last one carries them again with their quotes, and the answer
     # mode and grounding.
-    chunks = service.answer(prepared)  # a busy engine answers 503 here, before the stream starts
-    await act.start()
+    # The engine queues the request here: a busy engine answers 503 + Retry-After now, before the
+    # stream starts, and a stream that starts holds its place until it ends.
+    try:
+        chunks = service.answer(prepared)
+    except BaseException as exc:
+        await act.finish(exc)  # refused (busy) requests are recorded too
+        raise
     parts: list[str] = []
+    last = None
+
+    def abandon() -> None:
+        """The stream ended early or never started (the client went away): give the engine's place
+        back and record what was sent (no awaiting: this may run while cancelled)."""
+        chunks.release()
+        if not act.done:
+            try:
+                act.finish_sync("cancelled", answer="".join(parts),
+                                completion_tokens=last.completion_tokens if last else None)
+            except AuditUnavailable:
+                pass  # counted; there is nobody left to tell
+
+    try:
+        await act.start()
+    except BaseException:
+        chunks.release()
+        raise
 
     async def events():
-        last = None
+        nonlocal last
         try:
             yield event({"role": "assistant", "content": ""}, sources=public_sources)
             try:
@@ -155,7 +179,7 @@ async def chat_completions(
                         last = chunk
                         if chunk.text:
                             yield event({"content": chunk.text})
-            except EngineBusy as exc:  # the queue filled between the check above and joining it
+            except EngineBusy as exc:  # a remote engine (openai) learns that it is busy only once asked
                 await act.finish(exc)
                 yield f"data: {json.dumps(error_body(503, str(exc), 'server_busy'))}\n\n"
                 return
@@ -175,15 +199,25 @@ async def chat_completions(
         except AuditUnavailable:
             yield f"data: {json.dumps(error_body(503, AUDIT_UNAVAILABLE, 'audit_unavailable'))}\n\n"
         finally:
-            if not act.done:  # the client went away: record what was sent (no awaiting while cancelled)
-                try:
-                    act.finish_sync("cancelled", answer="".join(parts),
-                                    completion_tokens=last.completion_tokens if last else None)
-                except AuditUnavailable:
-                    pass  # counted; there is nobody left to tell
+            abandon()
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _AnswerStream(events(), abandon, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _AnswerStream(StreamingResponse):
+    """A streamed answer that always gives its engine place back: a client that leaves before the
+    first byte means the generator never started, so its own ``finally`` never runs."""
+
+    def __init__(self, content, on_end, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_end = on_end
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -202,12 +236,15 @@ async def conversation(conversation_id: str, c: Container = Depends(container), 
     turns = await run_in_threadpool(c.conversations.turns, conversation_id, None if who.is_admin else who.subject)
     if turns is None:
         raise ApiError(404, "no such conversation", "conversation_not_found", "conversation_id")
+    # The reader's access is checked again now: a source whose groups were narrowed since is withheld.
+    reader = readable_groups(who, c.settings.ingest.default_groups)
+    sources = await run_in_threadpool(_service(c).shown_sources, [t.sources for t in turns], reader)
     return {"id": conversation_id, "messages": [
-        {"role": t.role, "content": t.content, "completion_id": t.completion_id, "sources": t.sources,
-         "created_at": t.created_at.isoformat()} for t in turns]}
+        {"role": t.role, "content": t.content, "completion_id": t.completion_id, "sources": shown,
+         "created_at": t.created_at.isoformat()} for t, shown in zip(turns, sources)]}
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(RequestBody):
     completion_id: str = Field(..., min_length=1, max_length=64)
     rating: Literal[1, -1]
     correction: str | None = Field(None, max_length=MAX_MESSAGE_CHARS)

@@ -7,11 +7,12 @@ import time
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from app.api.audit import AuditTrail, trail
 from app.api.deps import container, require
 from app.api.errors import ApiError
+from app.api.schemas import RequestBody
 from app.container import Container
 from security.principal import Principal
 
@@ -26,7 +27,7 @@ async def list_models(c: Container = Depends(container), _: Principal = Depends(
     return {"object": "list", "data": [{"id": n, "object": "model", "created": _CREATED, "owned_by": "enclave"} for n in names]}
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestBody):
     input: str | list[str] = Field(..., description="Text or list of texts (at most 256, 8,000 characters each)")
     model: str | None = None
     encoding_format: str | None = Field(None, pattern="^(float|base64)$")

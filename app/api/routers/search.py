@@ -7,7 +7,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from app.api.audit import AuditTrail, trail
-from app.api.deps import check_kb_access, container, readable_groups, require
+from app.api.deps import KnowledgeBaseName, check_kb_access, container, readable_groups, require
+from app.api.schemas import RequestBody
 from app.container import Container
 from retrieval.retriever import SearchFilters
 from security.principal import Principal
@@ -15,9 +16,9 @@ from security.principal import Principal
 router = APIRouter(tags=["search"])
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(RequestBody):
     query: str = Field(..., min_length=1, max_length=4000)
-    knowledge_base: str = Field("default", max_length=128)
+    knowledge_base: KnowledgeBaseName = "default"
     top_k: int = Field(5, ge=1, le=50)
     mode: str = Field("hybrid", pattern="^(hybrid|dense|bm25)$")
     source_prefix: str | None = Field(None, max_length=1000)
