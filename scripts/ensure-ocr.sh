@@ -3,7 +3,7 @@
 # and to its tests. Idempotent: installs with apt-get only what is missing: the `tesseract` binary
 # and the language data named by $OCR_LANGUAGES (default "eng+chi_sim", the default of the
 # `ingest.ocr_languages` setting; Debian's packages are tesseract-ocr-<lang with - for _>).
-# Progress goes to stderr; stdout carries one line, the path of the tesseract binary.
+# Also the two fonts the OCR tests render their pages with. Progress goes to stderr; stdout carries one line, the path of the tesseract binary.
 # Without root it says what to run instead and exits 1 (ingestion still works: scanned files are
 # then reported as skipped with the reason).
 set -euo pipefail
@@ -15,6 +15,10 @@ IFS='+' read -r -a langs <<< "$languages"
 
 missing=()
 command -v tesseract >/dev/null 2>&1 || missing+=(tesseract-ocr)
+# Fonts the OCR tests and bench/ocr.py render their scanned pages with (Latin and CJK).
+for font in fonts-dejavu-core fonts-wqy-microhei; do
+    dpkg -s "$font" >/dev/null 2>&1 || missing+=("$font")
+done
 installed_langs="$(tesseract --list-langs 2>/dev/null | tail -n +2 || true)"
 for lang in "${langs[@]}"; do
     if ! grep -qx "$lang" <<< "$installed_langs"; then

@@ -85,7 +85,7 @@ async def upload_document(
 
 async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str, c: Container):
     if not filename or file_type_for(Path(filename)) is None:
-        raise ApiError(415, "unsupported or missing file name; supported: .txt .md .rst .html .pdf .docx .csv",
+        raise ApiError(415, "unsupported or missing file name; supported: .txt .md .rst .html .pdf .docx .csv .xlsx .xlsm .pptx .eml .png .jpg .jpeg .tif .tiff",
                        "unsupported_file_type", "file")
     data = await file.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
