@@ -230,6 +230,7 @@ class IngestPipeline:
                     attachments_of.setdefault(parent, []).append(doc)
             seen: set[str] = set()
             stored_hash: dict[str, str] = {}  # message source -> hash of the version stored now
+            stored_sources: set[str] = set()  # every document source this run stored
             ocr_queue: list[_Pending] = []
             progress.start(len(files))
             batch: list[_Pending] = []
@@ -264,13 +265,13 @@ class IngestPipeline:
                     continue
                 batch.append(pending)
                 if len(batch) >= self.batch_files:
-                    self._process(batch, writer, report, progress, stored_hash, ocr_queue)
+                    self._process(batch, writer, report, progress, (stored_hash, stored_sources), ocr_queue)
                     batch = []
-            self._process(batch, writer, report, progress, stored_hash, ocr_queue)
+            self._process(batch, writer, report, progress, (stored_hash, stored_sources), ocr_queue)
             # OCR last, one file per transaction: everything else of the run is already stored,
             # and a crash loses at most the file being read.
             for pending in ocr_queue:
-                self._process([pending], writer, report, progress, stored_hash, None)
+                self._process([pending], writer, report, progress, (stored_hash, stored_sources), None)
             _note(progress, "")
             writer.regroup(regroups)
             gone = []
@@ -281,9 +282,10 @@ class IngestPipeline:
                         gone.append(doc)
                 elif parent in seen:
                     # Kept while it belongs to the stored version of its message (a new version
-                    # that no longer carries it, or was stored before a crash, drops it).
+                    # that no longer carries it, or was stored before a crash, drops it). The
+                    # hashes read at the start are stale for what this run stored: look again.
                     current = stored_hash.get(parent) or (existing[parent].content_hash if parent in existing else None)
-                    if doc.content_hash != current:
+                    if doc.content_hash != current and source not in stored_sources:
                         writer.delete_documents([doc.id])
                 elif delete_missing:
                     gone.append(doc)
@@ -306,7 +308,7 @@ class IngestPipeline:
 
     def _process(
         self, batch: list[_Pending], writer: KnowledgeBaseWriter, report: IngestReport, progress: Progress,
-        stored_hash: dict[str, str], ocr_queue: list[_Pending] | None,
+        stored: tuple[dict[str, str], set[str]], ocr_queue: list[_Pending] | None,
     ) -> None:
         """Load, chunk, embed and store ``batch`` in one transaction. With ``ocr_queue``, files
         that need OCR are put there instead of being read; without it, OCR runs now."""
@@ -378,8 +380,10 @@ class IngestPipeline:
                 items.append((doc, chunks, vectors[offset : offset + len(chunks)]))
                 offset += len(chunks)
         report.chunks += writer.replace_documents(items)
+        stored_hash, stored_sources = stored
         for item, docs in parsed:
             stored_hash[item.source] = item.content_hash
+            stored_sources.update(doc.source for doc, _ in docs)
             if item.existing is None:
                 report.added += 1
             else:
