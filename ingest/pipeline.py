@@ -6,7 +6,12 @@ Per run over one root folder:
 - new and changed files are processed in batches of ``batch_files``: parsed, chunked, embedded, then
   committed in one transaction per batch (old chunks of changed files are replaced);
 - documents of this root whose file disappeared are deleted (deletion sync) unless disabled;
-- a corrupt file is reported with its reason and skipped; its previously ingested version is kept.
+- a corrupt file is reported with its reason and skipped; its previously ingested version is kept;
+- files that need OCR (images, scanned PDF pages) wait until every other file of the run is stored,
+  then are OCR'd one per batch, so slow OCR never holds back the rest of the run;
+- an e-mail's attachments of supported types are documents of their own (``mail.eml#name``), stored
+  in the same transaction as the message, with its groups and its content hash; they go when the
+  message goes, or when a new version of the message no longer carries them.
 Memory is bounded by one batch of files and their chunks.
 """
 
@@ -17,13 +22,21 @@ import stat
 import time
 from datetime import datetime, timezone
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from ingest.acl import ACL_FILE, AclResolver
 from ingest.chunking import Chunker
-from ingest.loaders import LoaderError, file_type_for, load_document
+from ingest.loaders import (
+    FileSkipped,
+    LoadedDocument,
+    LoaderError,
+    LoaderOptions,
+    OcrNeeded,
+    file_type_for,
+    load_document,
+)
 from retrieval.embedder import Embedder
 from retrieval.store import ChunkInput, DocumentInput, KnowledgeBaseStore, KnowledgeBaseWriter, StoredDocument
 from retrieval.tables import encode_groups
@@ -75,8 +88,29 @@ class NoProgress:
     def advance(self, files: int = 0, chunks: int = 0) -> None:
         pass
 
+    def note(self, text: str) -> None:
+        pass
+
     def finish(self) -> None:
         pass
+
+
+def _note(progress: Progress, text: str) -> None:
+    """Show what a long step is doing (e.g. "OCR scan.pdf page 3/40"); progress bars without a
+    ``note`` method simply do not show it."""
+    note = getattr(progress, "note", None)
+    if note is not None:
+        note(text)
+
+
+# An attachment's source is its message's source, this marker, and the attachment's name.
+ATTACHMENT_MARK = ".eml#"
+
+
+def attachment_parent(source: str) -> str | None:
+    """The message source an attachment document belongs to (None: not an attachment)."""
+    at = source.lower().find(ATTACHMENT_MARK)
+    return source[: at + len(ATTACHMENT_MARK) - 1] if at >= 0 else None
 
 
 @dataclass
@@ -131,6 +165,7 @@ class IngestPipeline:
         max_file_bytes: int = 100 * 1024 * 1024,
         on_report: Callable[[IngestReport, str], None] | None = None,
         redact: Callable[[str], str] | None = None,
+        loader_options: LoaderOptions | None = None,
     ):
         """``on_report(report, status)`` is called at the end of every run, status "finished" or
         "failed" (the service records metrics from it; it must not raise)."""
@@ -143,6 +178,7 @@ class IngestPipeline:
         self.checkpoint_seconds = checkpoint_seconds
         self.max_file_bytes = max_file_bytes
         self.redact = redact  # e.g. PII redaction, applied to the text before chunking
+        self.loader_options = loader_options or LoaderOptions()
 
     def run(
         self,
@@ -186,8 +222,16 @@ class IngestPipeline:
         delete_missing: bool, progress: Progress,
     ) -> None:
         with self.store.writer(kb, self.checkpoint_seconds) as writer:
-            existing = {d.source: d for d in self.store.documents(kb, root=str(root))}
+            existing: dict[str, StoredDocument] = {}
+            attachments_of: dict[str, list[StoredDocument]] = {}
+            for doc in self.store.documents(kb, root=str(root)):
+                existing[doc.source] = doc
+                if (parent := attachment_parent(doc.source)) is not None:
+                    attachments_of.setdefault(parent, []).append(doc)
             seen: set[str] = set()
+            stored_hash: dict[str, str] = {}  # message source -> hash of the version stored now
+            stored_sources: set[str] = set()  # every document source this run stored
+            ocr_queue: list[_Pending] = []
             progress.start(len(files))
             batch: list[_Pending] = []
             regroups: list[tuple[int, list[str]]] = []
@@ -212,6 +256,8 @@ class IngestPipeline:
                 if previous is not None and previous.content_hash == pending.content_hash:
                     if previous.groups != encode_groups(pending.groups):
                         regroups.append((previous.id, pending.groups))
+                        # An e-mail's attachments carry its groups.
+                        regroups.extend((a.id, pending.groups) for a in attachments_of.get(source, ()))
                         report.updated += 1
                     else:
                         report.unchanged += 1
@@ -219,14 +265,33 @@ class IngestPipeline:
                     continue
                 batch.append(pending)
                 if len(batch) >= self.batch_files:
-                    self._process(batch, writer, report, progress)
+                    self._process(batch, writer, report, progress, (stored_hash, stored_sources), ocr_queue)
                     batch = []
-            self._process(batch, writer, report, progress)
+            self._process(batch, writer, report, progress, (stored_hash, stored_sources), ocr_queue)
+            # OCR last, one file per transaction: everything else of the run is already stored,
+            # and a crash loses at most the file being read.
+            for pending in ocr_queue:
+                self._process([pending], writer, report, progress, (stored_hash, stored_sources), None)
+            _note(progress, "")
             writer.regroup(regroups)
+            gone = []
+            for source, doc in existing.items():
+                parent = attachment_parent(source)
+                if parent is None:
+                    if delete_missing and source not in seen:
+                        gone.append(doc)
+                elif parent in seen:
+                    # Kept while it belongs to the stored version of its message (a new version
+                    # that no longer carries it, or was stored before a crash, drops it). The
+                    # hashes read at the start are stale for what this run stored: look again.
+                    current = stored_hash.get(parent) or (existing[parent].content_hash if parent in existing else None)
+                    if doc.content_hash != current and source not in stored_sources:
+                        writer.delete_documents([doc.id])
+                elif delete_missing:
+                    gone.append(doc)
             if delete_missing:
-                gone = [doc for source, doc in existing.items() if source not in seen]
                 writer.delete_documents([doc.id for doc in gone])
-                report.deleted = len(gone)
+                report.deleted = sum(1 for doc in gone if attachment_parent(doc.source) is None)
             report.total_chunks = len(writer.index)
 
     def _inspect(
@@ -242,21 +307,60 @@ class IngestPipeline:
             return None
 
     def _process(
-        self, batch: list[_Pending], writer: KnowledgeBaseWriter, report: IngestReport, progress: Progress
+        self, batch: list[_Pending], writer: KnowledgeBaseWriter, report: IngestReport, progress: Progress,
+        stored: tuple[dict[str, str], set[str]], ocr_queue: list[_Pending] | None,
     ) -> None:
+        """Load, chunk, embed and store ``batch`` in one transaction. With ``ocr_queue``, files
+        that need OCR are put there instead of being read; without it, OCR runs now."""
         if not batch:
             return
-        parsed: list[tuple[_Pending, DocumentInput, list[ChunkInput]]] = []
+        parsed: list[tuple[_Pending, list[tuple[DocumentInput, list[ChunkInput]]]]] = []
         for item in batch:
+            if ocr_queue is None:
+                options = replace(
+                    self.loader_options, defer_ocr=False,
+                    on_ocr_page=lambda done, total, source=item.source: _note(
+                        progress, f"OCR {source} page {done}/{total}"),
+                )
+                _note(progress, f"OCR {item.source}")
+            else:
+                options = replace(self.loader_options, defer_ocr=True)
             try:
-                document = load_document(item.path)
-                if self.redact is not None:
-                    document.title = self.redact(document.title) if document.title else document.title
-                    for section in document.sections:
-                        section.text = self.redact(section.text)
-                chunks = self.chunker.split(document)
-                if not chunks:
-                    raise LoaderError("no text to index")
+                document = load_document(item.path, options)
+                parts = [(item.source, document, item.size)]
+                for attachment in document.attachments:
+                    source = f"{item.source}#{attachment.name}"
+                    if attachment.document is not None:
+                        parts.append((source, attachment.document, attachment.size))
+                    elif attachment.skipped:
+                        report.skipped += 1
+                        report.skipped_files.append(FileFailure(source, attachment.skipped))
+                    else:
+                        self._fail(report, source, LoaderError(attachment.error or "unreadable"))
+                docs = []
+                for source, loaded, size in parts:
+                    chunks = self._chunks(loaded)
+                    if not chunks and source != item.source:
+                        self._fail(report, source, LoaderError("no text to index"))
+                        continue
+                    if not chunks:
+                        raise LoaderError("no text to index")
+                    doc = DocumentInput(
+                        root=str(report.root), source=source, file_type=loaded.file_type,
+                        title=loaded.title or Path(source).stem, content_hash=item.content_hash,
+                        size=size, groups=item.groups,
+                        modified_at=datetime.fromtimestamp(item.path.stat().st_mtime, timezone.utc),
+                    )
+                    docs.append((doc, chunks))
+            except OcrNeeded:
+                assert ocr_queue is not None  # only raised when OCR is deferred
+                ocr_queue.append(item)
+                continue
+            except FileSkipped as exc:
+                report.skipped += 1
+                report.skipped_files.append(FileFailure(item.source, str(exc)))
+                progress.advance(files=1)
+                continue
             except (OSError, LoaderError) as exc:
                 self._fail(report, item.source, exc)
                 progress.advance(files=1)
@@ -265,27 +369,33 @@ class IngestPipeline:
                 self._fail(report, item.source, exc, unexpected=True)
                 progress.advance(files=1)
                 continue
-            doc = DocumentInput(
-                root=str(report.root), source=item.source, file_type=document.file_type,
-                title=document.title or item.path.stem, content_hash=item.content_hash, size=item.size,
-                groups=item.groups, modified_at=datetime.fromtimestamp(item.path.stat().st_mtime, timezone.utc),
-            )
-            parsed.append((item, doc, [ChunkInput(c.ordinal, c.text, c.page, c.heading) for c in chunks]))
+            parsed.append((item, docs))
         if not parsed:
             return
-        texts = [chunk.text for _, _, chunks in parsed for chunk in chunks]
+        texts = [chunk.text for _, docs in parsed for _, chunks in docs for chunk in chunks]
         vectors = self.embedder.embed_passages(texts)
         items, offset = [], 0
-        for _, doc, chunks in parsed:
-            items.append((doc, chunks, vectors[offset : offset + len(chunks)]))
-            offset += len(chunks)
+        for _, docs in parsed:
+            for doc, chunks in docs:
+                items.append((doc, chunks, vectors[offset : offset + len(chunks)]))
+                offset += len(chunks)
         report.chunks += writer.replace_documents(items)
-        for item, _, chunks in parsed:
+        stored_hash, stored_sources = stored
+        for item, docs in parsed:
+            stored_hash[item.source] = item.content_hash
+            stored_sources.update(doc.source for doc, _ in docs)
             if item.existing is None:
                 report.added += 1
             else:
                 report.updated += 1
-            progress.advance(files=1, chunks=len(chunks))
+            progress.advance(files=1, chunks=sum(len(chunks) for _, chunks in docs))
+
+    def _chunks(self, document: LoadedDocument) -> list[ChunkInput]:
+        if self.redact is not None:
+            document.title = self.redact(document.title) if document.title else document.title
+            for section in document.sections:
+                section.text = self.redact(section.text)
+        return [ChunkInput(c.ordinal, c.text, c.page, c.heading) for c in self.chunker.split(document)]
 
     @staticmethod
     def _fail(report: IngestReport, source: str, exc: BaseException, unexpected: bool = False) -> None:
@@ -309,6 +419,8 @@ class IngestPipeline:
                     chosen.append(d)
                 elif absolute is None and (d.source == target or d.source.startswith(target.rstrip("/") + "/")):
                     chosen.append(d)
+        chosen_sources = {d.source for d in chosen}
+        chosen += [d for d in documents if d not in chosen and attachment_parent(d.source) in chosen_sources]
         if chosen:
             with self.store.writer(kb, self.checkpoint_seconds) as writer:
                 writer.delete_documents([d.id for d in chosen])

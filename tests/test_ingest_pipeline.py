@@ -134,10 +134,12 @@ def test_no_delete_keeps_missing_files(pipeline: IngestPipeline, store: Knowledg
 def test_corrupt_files_are_reported_and_skipped(pipeline: IngestPipeline, store: KnowledgeBaseStore, corpus: Path):
     (corpus / "broken.pdf").write_bytes(b"%PDF-1.7\nthis is not really a pdf\n")
     (corpus / "binary.txt").write_bytes(bytes(range(256)) * 8)
-    (corpus / "image.png").write_bytes(b"\x89PNG\r\n")
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n")  # a truncated image: OCR cannot read it
+    (corpus / "drawing.svg").write_bytes(b"<svg/>")  # unsupported type
     report = pipeline.run(corpus, "kb1")
     failed = {f.source: f.reason for f in report.failures}
-    assert set(failed) == {"broken.pdf", "binary.txt"}
+    assert set(failed) == {"broken.pdf", "binary.txt", "image.png"}
+    assert failed["image.png"].startswith("corrupt image")
     assert all(reason.strip() for reason in failed.values())
     assert report.skipped == 1
     assert report.added > 5
@@ -147,7 +149,7 @@ def test_corrupt_files_are_reported_and_skipped(pipeline: IngestPipeline, store:
     before = {d.source: d.chunk_count for d in store.documents("kb1")}
     (corpus / "leave-policy.md").write_bytes(b"\x00\x01\x02" * 100)
     report = pipeline.run(corpus, "kb1")
-    assert [f.source for f in report.failures] == ["binary.txt", "broken.pdf", "leave-policy.md"]
+    assert [f.source for f in report.failures] == ["binary.txt", "broken.pdf", "image.png", "leave-policy.md"]
     assert {d.source: d.chunk_count for d in store.documents("kb1")}["leave-policy.md"] == before["leave-policy.md"]
     assert_consistent(store, "kb1")
 

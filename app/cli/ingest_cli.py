@@ -37,18 +37,23 @@ class RichProgress:
         self.bar = Progress(
             TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
             TextColumn("{task.fields[chunks]} chunks"), RateColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+            console=console, transient=True,
         )
         self.task = None
         self.chunks = 0
 
     def start(self, total_files: int) -> None:
         self.bar.start()
-        self.task = self.bar.add_task("ingest", total=total_files, chunks=0)
+        self.task = self.bar.add_task("ingest", total=total_files, chunks=0, note="")
 
     def advance(self, files: int = 0, chunks: int = 0) -> None:
         self.chunks += chunks
         self.bar.update(self.task, advance=files, chunks=self.chunks)
+
+    def note(self, text: str) -> None:
+        """What a long step is doing, e.g. "OCR scan.pdf page 3/40" (the bar refreshes on its own)."""
+        self.bar.update(self.task, note=text)
 
     def finish(self) -> None:
         self.bar.stop()
@@ -80,7 +85,7 @@ def run(
         out.print(
             f"  files: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
             f"{report.deleted} deleted, {report.failed} failed, {report.skipped} skipped "
-            f"(unsupported type, link or special file)\n"
+            f"(unsupported type, link, special file, or needs OCR that is off or missing)\n"
             f"  chunks: {report.chunks} embedded, {report.total_chunks} in the knowledge base\n"
             f"  time: {report.seconds:.1f} s",
             highlight=False,

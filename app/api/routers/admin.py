@@ -90,7 +90,7 @@ async def upload_document(
 
 async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str, c: Container, files: Uploads):
     if not filename or file_type_for(Path(filename)) is None:
-        raise ApiError(415, "unsupported or missing file name; supported: .txt .md .rst .html .pdf .docx .csv",
+        raise ApiError(415, "unsupported or missing file name; supported: .txt .md .rst .html .pdf .docx .csv .xlsx .xlsm .pptx .eml .png .jpg .jpeg .tif .tiff",
                        "unsupported_file_type", "file")
     if len(filename.encode()) > MAX_NAME_BYTES:
         raise ApiError(400, f"file name too long: at most {MAX_NAME_BYTES} bytes (UTF-8)", "invalid_file_name", "file")
