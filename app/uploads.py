@@ -72,7 +72,8 @@ class Uploads:
 
     def store(self, kb: str, filename: str, data: bytes, groups: list[str] | None) -> tuple[Path, Any]:
         """Write ``data`` as ``filename`` and ingest it. Returns (stored path, ingestion report); when
-        the report has failures, the folder holds exactly what it held before."""
+        the report has failures, or the file was skipped (a scan while OCR is off), the folder holds
+        exactly what it held before."""
         folder = self.folder(kb)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / filename
@@ -89,7 +90,7 @@ class Uploads:
             except BaseException:
                 self._undo(target, previous, replacing, temporary)
                 raise
-            if report.failed:
+            if report.failed or skipped(report, filename) is not None:
                 self._undo(target, previous, replacing, temporary)
             else:
                 previous.unlink(missing_ok=True)
@@ -143,3 +144,8 @@ class Uploads:
             if path.exists() and not path.name.startswith(".") and path.name not in hashes:
                 path.unlink()
                 done.removed_orphans.append(f"{kb}/{path.name}")
+
+
+def skipped(report, filename: str):
+    """The reason the uploaded file itself was left unread (not one of an e-mail's attachments)."""
+    return next((s for s in report.skipped_files if s.source == filename), None)

@@ -51,6 +51,7 @@ def test_nothing_declared_goes_unused():
         "langchain_text_splitters", "python-multipart": "multipart", "pyjwt": "jwt",
         "pystemmer": "Stemmer", "prometheus-client": "prometheus_client", "nvidia-ml-py": "pynvml",
         "python-json-logger": "pythonjsonlogger", "sentence-transformers": "sentence_transformers",
+        "python-pptx": "pptx", "pillow": "PIL",
     }
     # Needed at run time without an import statement of ours: transformers loads GGUF weights
     # through gguf, FastAPI parses uploads through python-multipart, pypdf decrypts with cryptography,

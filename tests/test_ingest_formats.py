@@ -5,6 +5,7 @@ incrementally (a scanned PDF is OCR'd once), and an e-mail's attachments follow 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,14 @@ def test_new_formats_found_by_search_through_the_real_pipeline(tmp_path: Path, m
                      files={"file": ("deck.pptx", (corpus / "onboarding.pptx").read_bytes())})
     assert up.status_code == 201, up.text
 
+    # A scan uploaded while OCR is off is refused with the reason, and nothing is kept.
+    container.pipeline.loader_options = replace(container.pipeline.loader_options, ocr=False)
+    scan = client.post("/v1/knowledge_bases/default/documents", headers={"Authorization": f"Bearer {admin}"},
+                       files={"file": ("late-scan.png", (corpus / "notice.png").read_bytes())})
+    assert scan.status_code == 422 and scan.json()["error"]["code"] == "document_skipped", scan.text
+    assert "OCR" in scan.json()["error"]["message"]
+    assert not list((tmp_path / "var" / "uploads" / "default").glob("late-scan*"))
+
 
 @pytest.fixture
 def pipeline(tmp_path: Path, memo_embedder: MemoEmbedder) -> IngestPipeline:
@@ -171,7 +180,6 @@ def test_attachments_follow_their_email(tmp_path: Path, pipeline: IngestPipeline
 
 
 def test_ocr_switched_off_reports_skipped_files(tmp_path: Path, pipeline: IngestPipeline):
-    from dataclasses import replace
 
     root = tmp_path / "scans"
     root.mkdir()

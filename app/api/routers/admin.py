@@ -16,7 +16,7 @@ from app.api.deps import KnowledgeBaseName, container, require, uploads
 from app.api.errors import ApiError
 from app.api.schemas import RequestBody
 from app.container import Container
-from app.uploads import Uploads
+from app.uploads import Uploads, skipped
 from ingest.loaders import file_type_for
 from security.api_keys import ApiKeyError
 from security.principal import Principal
@@ -104,6 +104,8 @@ async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str
     target, report = await run_in_threadpool(files.store, name, filename, data, group_list)
     if report.failed:
         raise ApiError(400, f"{filename}: {report.failures[0].reason}", "unreadable_document", "file")
+    if (left := skipped(report, filename)) is not None:  # e.g. a scanned PDF while OCR is off
+        raise ApiError(422, f"{filename}: not ingested: {left.reason}", "document_skipped", "file")
     docs = await run_in_threadpool(c.kb_store.documents, name, str(target.parent))
     doc = next(d for d in docs if d.source == filename)
     return doc, report
