@@ -31,6 +31,9 @@ from security.rate_limit import RateLimiter, SignInLimiter
 class Container:
     def __init__(self, settings: Settings):
         self.settings = settings
+        # Set by the API's lifespan once the generation engine has started (and cleared at shutdown);
+        # /readyz reports "loading" until then.
+        self.generation_ready = False
 
     @cached_property
     def engine(self):

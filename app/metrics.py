@@ -173,7 +173,7 @@ class EngineCollector(Collector):
         if engine is None:
             return
         labels = ["model"]
-        state = engine.queue_state() if hasattr(engine, "queue_state") else None
+        state = engine.queue_state()
         running = GaugeMetricFamily("enclave_generation_requests_running", "Generations being decoded", labels=labels)
         waiting = GaugeMetricFamily("enclave_generation_requests_waiting",
                                     "Generations queued for a batch slot (in-process engine)", labels=labels)
@@ -190,7 +190,7 @@ class EngineCollector(Collector):
             yield self._gauge("enclave_generation_max_waiting", "Waiting-queue capacity (generation.max_queue)",
                               state["max_waiting"])
         # The fine-tuning layer sets engine.adapter_version when a LoRA adapter is active.
-        version = getattr(engine, "adapter_version", None)
+        version = engine.adapter_version
         info = InfoMetricFamily("enclave_adapter", "The LoRA adapter the generation engine serves (none: base model)",
                                 labels=labels)
         info.add_metric([self._model], {"version": str(version) if version is not None else "none"})

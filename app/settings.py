@@ -233,7 +233,7 @@ class ServerSettings(BaseModel):
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     tls_client_ca: Path | None = Field(None, description="CA bundle for client certificates: mutual TLS, required")
-    max_body_mb: float = Field(60.0, gt=0, description="request body cap (uploads included)")
+    max_body_mb: float = Field(60.0, gt=0, description="request body cap; uploads: ingest.max_file_mb + 1 MiB")
     # Client addresses (CIDR) allowed to connect; empty: every address. The default admits loopback only.
     ip_allowlist: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     # Direct peers whose X-Forwarded-For is believed (CIDR), e.g. the nginx in front; empty: none.

@@ -172,7 +172,7 @@ async def ask(service, question: dict, kb: str, policy: str, max_tokens: int) ->
     prepared = await service.prepare(chat, admin, policy=policy)
     ready = time.perf_counter()
     parts, first, last = [], None, None
-    async for chunk in service.answer(prepared):
+    async for chunk in await service.answer(prepared):
         if chunk.text and first is None:
             first = time.perf_counter()
         parts.append(chunk.text)

@@ -1,14 +1,30 @@
 """The one interface every generation engine implements (in-process transformers, remote OpenAI-compatible).
 
-Engines are asynchronous so that the API can stream many requests at once: ``stream`` yields text
-deltas as they are decoded; closing the iterator (a client that disconnects) cancels the request and
-frees its slot in the running batch.
+The contract, honoured by both engines and checked by tests/test_engine_contract.py:
+
+* ``open(request)`` fails fast: everything that can be known before the first token is raised
+  here, before the caller has promised anything to its client (an HTTP 200, a stream):
+  ``EngineBusy`` (the queue is full, or the remote server answered 429/503: the API answers 503 +
+  Retry-After), ``PromptTooLong`` (400), ``EngineError`` (remote unreachable or refusing: 502),
+  ``ValueError`` for invalid sampling options. It returns a :class:`HeldStream` that holds the
+  request's place (a queue slot, an open upstream response) until it is read to the end, closed
+  (``aclose``) or released, even if it is never iterated.
+* Reading the stream yields text deltas as they are decoded; the last chunk has ``finish_reason``
+  and the token counts. A failure after text was streamed raises ``EngineError`` from the iterator
+  (the answer was cut off; a stream is never retried once text has left).
+* ``stream(request)`` is ``open`` plus reading, as one async iterator, for callers that have
+  nothing to promise before the first token; ``generate`` collects it.
+* ``adapter_version`` (the LoRA adapter in use, or None), ``queue_state()`` and
+  ``switch_adapter()`` are part of the protocol: an engine that cannot serve adapters says so
+  (``supports_adapters`` False, ``switch_adapter`` raises EngineError), so the application never
+  probes engines with hasattr.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 Role = Literal["system", "user", "assistant"]
@@ -75,8 +91,9 @@ class GenerationResult:
 
 @runtime_checkable
 class Engine(Protocol):
-    name: str  # model name reported to clients
+    name: str  # the model name reported to clients (the remote model's id behind the openai engine)
     context_window: int  # tokens
+    supports_adapters: bool
 
     async def start(self) -> None: ...
 
@@ -84,9 +101,19 @@ class Engine(Protocol):
 
     def count_prompt_tokens(self, messages: list[ChatMessage]) -> int: ...
 
+    async def open(self, request: GenerationRequest) -> "HeldStream": ...
+
     def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    @property
+    def adapter_version(self) -> str | None: ...
+
+    def queue_state(self) -> dict[str, int] | None:
+        """{running, waiting, max_running, max_waiting} of a local queue; None when there is none to report."""
+
+    async def switch_adapter(self, version: str | None, path: Path | None) -> None: ...
 
 
 class HeldStream:

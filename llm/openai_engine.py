@@ -25,6 +25,7 @@ Behaviour common to every server, whatever it implements:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -41,6 +42,7 @@ from llm.engine import (
     GenerationChunk,
     GenerationRequest,
     GenerationResult,
+    HeldStream,
     PromptTooLong,
 )
 from llm.prompt import chat_token_counter, estimate_chat_tokens, estimate_text_tokens
@@ -57,6 +59,14 @@ class OpenAIEngine:
     """The :class:`llm.engine.Engine` protocol over an OpenAI-compatible ``/v1/chat/completions``."""
 
     adapter_version: str | None = None  # adapters live on the remote server, not here
+    supports_adapters = False
+
+    def queue_state(self) -> None:
+        """The queue lives on the remote server (vLLM exports its own metrics)."""
+        return None
+
+    async def switch_adapter(self, version: str | None, path=None) -> None:
+        raise EngineError("the openai engine cannot switch adapters: load them on the model server")
 
     def __init__(
         self,
@@ -163,18 +173,24 @@ class OpenAIEngine:
 
     # --- generation -------------------------------------------------------------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        attempt, streamed = 0, False
+    async def open(self, request: GenerationRequest) -> HeldStream:
+        """Send the request and wait for the server's answer to it (status and headers), retrying
+        what may pass (busy, unreachable, 5xx) before any text: a busy or failing server raises
+        EngineBusy / EngineError here, before the caller has promised its client anything. The
+        returned stream holds the open upstream response until it is read, closed or released."""
+        client = self._ensure_client()
+        attempt = 0
         while True:
+            response = None
             try:
-                async with aclosing(self._stream_once(request)) as chunks:
-                    async for chunk in chunks:
-                        streamed = True
-                        yield chunk
-                return
+                response = await client.chat.completions.create(**self._params(request, stream=True))
+                # Up to the first text too: a connection cut before it is retried like a refused request.
+                events = response.__aiter__()
+                first = await _until_text(events)
+                break
             except openai.OpenAIError as exc:
-                if streamed:
-                    raise self._engine_error(exc, attempts=attempt + 1, cut_off=True) from None
+                if response is not None:
+                    await response.close()
                 if self._rejects_stream_options(exc):
                     continue  # asked again without the field: not a failed attempt
                 delay = self._retry_delay(exc, attempt)
@@ -182,6 +198,13 @@ class OpenAIEngine:
                     raise self._engine_error(exc, attempts=attempt + 1) from None
                 attempt += 1
                 await asyncio.sleep(delay)
+        return HeldStream(self._read(request, response, _chain(first, events), attempt + 1),
+                          functools.partial(_close_soon, response))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        async with aclosing(await self.open(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         client = self._ensure_client()
@@ -208,16 +231,15 @@ class OpenAIEngine:
             completion_tokens=usage.completion_tokens if usage else self._count_text(text),
         )
 
-    async def _stream_once(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """One streamed request; errors propagate to :meth:`stream`, which decides on retries."""
-        client = self._ensure_client()
-        response = await client.chat.completions.create(**self._params(request, stream=True))
+    async def _read(self, request: GenerationRequest, response, events: AsyncIterator,
+                    attempts: int) -> AsyncIterator[GenerationChunk]:
+        """The events of an open response; a failure now cuts the answer off (never retried)."""
+        parts: list[str] = []
         try:
             scanner = _StopScanner(request.stop)
-            parts: list[str] = []
             finish: FinishReason | None = None
             usage = None
-            async for event in response:
+            async for event in events:
                 if event.usage is not None:
                     usage = event.usage
                 for choice in event.choices[:1]:
@@ -244,6 +266,8 @@ class OpenAIEngine:
                 prompt_tokens=usage.prompt_tokens if usage else self.count_prompt_tokens(request.messages),
                 completion_tokens=usage.completion_tokens if usage else self._count_text(text),
             )
+        except openai.OpenAIError as exc:
+            raise self._engine_error(exc, attempts=attempts, cut_off=bool(parts)) from None
         finally:
             await response.close()
 
@@ -413,3 +437,29 @@ def _display_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _close_soon(response) -> None:
+    """Close an upstream response that will not be read (sync: HeldStream.release may run from
+    ``__del__``); without a running loop the client's connection pool reclaims it."""
+    try:
+        asyncio.get_running_loop().create_task(response.close())
+    except RuntimeError:
+        pass
+
+
+async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+async def _until_text(events: AsyncIterator) -> list:
+    """The events up to and including the first that carries text or ends the answer."""
+    seen = []
+    async for event in events:
+        seen.append(event)
+        if event.usage is not None or any(c.finish_reason or (c.delta and c.delta.content) for c in event.choices):
+            break
+    return seen

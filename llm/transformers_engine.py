@@ -42,6 +42,8 @@ class TransformersEngine:
     next decode step.
     """
 
+    supports_adapters = True
+
     def __init__(
         self,
         model_path: Path,
@@ -191,6 +193,10 @@ class TransformersEngine:
         if not messages:
             raise EngineError("a request needs at least one message")
         return chat_format.encode(self.loaded.tokenizer, self.loaded.chat, messages)
+
+    async def open(self, request: GenerationRequest) -> HeldStream:
+        """Queued now (fails fast: EngineBusy, PromptTooLong, ValueError); see llm/engine.py."""
+        return self.stream(request)
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         scheduler = self.scheduler

@@ -34,6 +34,13 @@ class ApiKeyError(Exception):
     """Invalid request about keys (unknown id, bad role, ...); never raised with a token in it."""
 
 
+class ApiKeyNotFound(ApiKeyError):
+    """No key with that id."""
+
+    http_status = 404
+    error_code = "key_not_found"
+
+
 @dataclass
 class ApiKeyInfo:
     key_id: str
@@ -131,7 +138,7 @@ class ApiKeyService:
         with Session(self.engine) as session:
             row = session.get(ApiKeyRow, key_id)
             if row is None:
-                raise ApiKeyError(f"no API key with id {key_id!r}")
+                raise ApiKeyNotFound(f"no API key with id {key_id!r}")
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
                 session.add(row)

@@ -433,6 +433,22 @@ def test_forwarded_for_is_believed_from_trusted_proxies_only(tmp_path: Path):
 
 # --- request body cap --------------------------------------------------------------------------
 
+def test_one_file_size_limit_for_uploads_and_ingest(env, tmp_path: Path, models_dir: Path):
+    """Uploads follow ingest.max_file_mb (the limit `ingest run` applies), not the JSON body cap and
+    not a constant of their own; the body cap of other routes stays server.max_body_mb."""
+    container = Container(Settings(data_dir=tmp_path / "var", models_dir=models_dir, server={"max_body_mb": 0.01},
+                                   ingest={"max_file_mb": 0.05}))
+    client = TestClient(create_app(container), client=("127.0.0.1", 1))
+    admin = {"Authorization": f"Bearer {container.api_keys.create('a', 'admin')[0]}"}
+    fits = ("Parking is in bay C. " * 1200).encode()  # 25 KiB: over the body cap, under the file limit
+    ok = client.post("/v1/knowledge_bases/default/documents", headers=admin, files={"file": ("p.txt", fits)})
+    assert ok.status_code == 201, ok.text
+    too_big = client.post("/v1/knowledge_bases/default/documents", headers=admin,
+                          files={"file": ("q.txt", b"x" * 60_000)})
+    assert_error(too_big, 413, "file_too_large")
+    assert "ingest.max_file_mb" in too_big.json()["error"]["message"]
+
+
 def test_body_cap_holds_with_and_without_content_length(env, tmp_path: Path):
     container = Container(Settings(data_dir=tmp_path / "var", server={"max_body_mb": 0.01}))  # 10 KiB
     client = TestClient(create_app(container), client=("127.0.0.1", 1))

@@ -147,7 +147,7 @@ def test_an_unsupported_generated_claim_never_reaches_the_user_as_fact(server):
         chat = ChatInput([ChatMessage("user", question)], "default", max_tokens=MAX_NEW_TOKENS)
         prepared = await service.prepare(chat, staff, policy=policy)
         parts, last = [], None
-        async for chunk in service.answer(prepared):
+        async for chunk in await service.answer(prepared):
             parts.append(chunk.text)
             last = chunk
         return "".join(parts), last.outcome
@@ -185,7 +185,7 @@ def test_default_policy_of_the_bundled_model_quotes_without_generating(server):
 
     async def answer():
         prepared = await service.prepare(ChatInput([ChatMessage("user", QUESTION)], "default"), staff)
-        return prepared, [chunk async for chunk in service.answer(prepared)]
+        return prepared, [chunk async for chunk in await service.answer(prepared)]
 
     prepared, chunks = asyncio.run(answer())
     assert prepared.request is None and len(chunks) == 1  # nothing generated: one complete piece

@@ -8,7 +8,7 @@ from app.services.documents import DocumentNotFound
 from app.services.outcomes import outcome_of
 from llm.engine import EngineBusy, EngineError, PromptTooLong
 from retrieval.store import KnowledgeBaseError, KnowledgeBaseNotFound
-from security.api_keys import ApiKeyError
+from security.api_keys import ApiKeyError, ApiKeyNotFound
 
 
 def test_each_failure_has_one_meaning():
@@ -16,7 +16,8 @@ def test_each_failure_has_one_meaning():
         KnowledgeBaseNotFound("unknown knowledge base 'x'"): (404, "knowledge_base", "failed"),
         KnowledgeBaseError("embedder mismatch"): (400, "knowledge_base", "failed"),
         DocumentNotFound("no document"): (404, "document_not_found", "failed"),
-        ApiKeyError("bad role"): (400, "api_key_error", "failed"),
+        ApiKeyError("bad role"): (400, "invalid_key_request", "failed"),
+        ApiKeyNotFound("no key"): (404, "key_not_found", "failed"),
         PromptTooLong("too long"): (400, "context_length_exceeded", "failed"),
         EngineBusy("full"): (503, "server_busy", "failed"),
         EngineError("upstream"): (502, "engine_error", "error"),

@@ -71,7 +71,7 @@ def create_app(container: Container) -> FastAPI:
         app_metrics.ENGINE.attach(engine, engine.name)
         watcher = scheduler = None
         ft = container.settings.finetune
-        if ft.hot_swap and hasattr(engine, "switch_adapter"):
+        if ft.hot_swap and engine.supports_adapters:
             from finetune.hotswap import AdapterWatcher
 
             watcher = AdapterWatcher(container.finetune_registry, engine, base_model=container.settings.generation.model,
@@ -84,8 +84,7 @@ def create_app(container: Container) -> FastAPI:
         if ft.schedule_in_process:
             scheduler = start_finetune_schedule(container.settings)
         container.generation_ready = True
-        log.info("generation engine ready: %s (adapter %s)", engine.name,
-                 getattr(engine, "adapter_version", None) or "none")
+        log.info("generation engine ready: %s (adapter %s)", engine.name, engine.adapter_version or "none")
         try:
             yield
         finally:
@@ -126,7 +125,8 @@ def create_app(container: Container) -> FastAPI:
 
     # Trusted-proxy X-Forwarded-For, the IP allowlist and the body cap (chunked bodies too).
     network.install(app, ip_allowlist=server.ip_allowlist, trusted_proxies=server.trusted_proxies,
-                    max_body_bytes=int(server.max_body_mb * 1024 * 1024))
+                    max_body_bytes=int(server.max_body_mb * 1024 * 1024),
+                    max_file_bytes=int(container.settings.ingest.max_file_mb * 1024 * 1024))
     # Outermost (added last): request id and metrics cover every response, 403 and 413 included.
     app.add_middleware(RequestContextMiddleware)
 

@@ -138,8 +138,9 @@ def install(app: FastAPI, on_denied: Callable[[Request, ApiError], None] | None 
         return error_response(outcome.status, message, outcome.code, param, headers)
 
     from app.services.documents import DocumentNotFound
+    from security.api_keys import ApiKeyError
 
-    for kind in (PromptTooLong, EngineBusy, EngineError, KnowledgeBaseError, DocumentNotFound):
+    for kind in (PromptTooLong, EngineBusy, EngineError, KnowledgeBaseError, DocumentNotFound, ApiKeyError):
         app.add_exception_handler(kind, _library_error)
 
     @app.exception_handler(Exception)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Iterable
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -94,20 +95,32 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# Document uploads (multipart): their cap follows ingest.max_file_mb, the one file-size limit.
+UPLOAD_ROUTE = re.compile(r"/v1/knowledge_bases/[^/]+/documents")
+FORM_OVERHEAD = 1024 * 1024  # multipart boundaries and the other form fields
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, upload_max_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_max_bytes = upload_max_bytes if upload_max_bytes is not None else max_bytes
 
-    def _too_large(self):
-        return error_response(413, f"request body larger than {self.max_bytes / 2**20:g} MiB", "body_too_large")
+    def _limit(self, scope) -> int:
+        if scope.get("method") == "POST" and UPLOAD_ROUTE.fullmatch(scope.get("path", "")):
+            return self.upload_max_bytes
+        return self.max_bytes
+
+    def _too_large(self, limit: int):
+        return error_response(413, f"request body larger than {limit / 2**20:g} MiB", "body_too_large")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self._limit(scope)
         for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
-                return await self._too_large()(scope, receive, send)
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                return await self._too_large(limit)(scope, receive, send)
         received, exceeded, started = 0, False, False
 
         async def counted_receive():
@@ -115,7 +128,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     exceeded = True
                     raise _BodyTooLarge()
             return message
@@ -133,13 +146,15 @@ class BodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await self._too_large()(scope, receive, send)
+            await self._too_large(limit)(scope, receive, send)
 
 
-def install(app, *, ip_allowlist: list[str], trusted_proxies: list[str], max_body_bytes: int) -> None:
+def install(app, *, ip_allowlist: list[str], trusted_proxies: list[str], max_body_bytes: int,
+            max_file_bytes: int | None = None) -> None:
     """Adds the guards; the last added runs first: the untrusted-proxy warning, proxy headers, then
-    the allowlist, then the cap."""
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    the allowlist, then the cap (uploads: ``max_file_bytes`` plus the form's overhead)."""
+    upload = max_file_bytes + FORM_OVERHEAD if max_file_bytes is not None else None
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, upload_max_bytes=upload)
     app.add_middleware(IpAllowlistMiddleware, networks=parse_networks(ip_allowlist))
     if trusted_proxies:
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies))

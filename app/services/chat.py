@@ -202,25 +202,26 @@ class ChatService:
 
     # --- answering --------------------------------------------------------------------------------
 
-    def answer(self, prepared: PreparedChat) -> HeldStream:
+    async def answer(self, prepared: PreparedChat) -> HeldStream:
         """The answer as a stream of :class:`AnswerChunk` (the last one carries the outcome).
 
-        The engine is asked now, not at the first iteration: the in-process engine queues the request
-        here (a full queue raises ``EngineBusy`` before a streaming response has started, so the
-        client gets a clean 503 instead of a 200 whose stream breaks off). The returned stream holds
-        that place: close it (``aclose``) or call ``release()`` if it will not be read.
+        The engine is asked now, not at the first iteration (``Engine.open``, llm/engine.py): the
+        in-process engine queues the request, the openai engine waits for the server to accept it,
+        so a full queue or a busy/failing server raises ``EngineBusy`` / ``EngineError`` before a
+        streaming response has started (a clean 503/502 instead of a 200 whose stream breaks off).
+        The returned stream holds that place: close it (``aclose``) or call ``release()`` if it will
+        not be read.
         """
         if prepared.request is None:
             return HeldStream(self._without_model(prepared), lambda: None)
         prepared.request.request_id = prepared.completion_id
         try:
-            chunks = self.engine.stream(prepared.request)
+            chunks = await self.engine.open(prepared.request)
         except EngineBusy:
             metrics.GENERATION_REQUESTS.labels(self.engine.name, "rejected").inc()
             raise
         # Closing (or dropping) the answer before it was read gives the engine's place back.
-        return HeldStream(self._generated(prepared, self._measured(prepared, chunks)),
-                          getattr(chunks, "release", lambda: None))
+        return HeldStream(self._generated(prepared, self._measured(prepared, chunks)), chunks.release)
 
     async def _without_model(self, prepared: PreparedChat) -> AsyncIterator[AnswerChunk]:
         text, outcome = self._fallback(prepared)

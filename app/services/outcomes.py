@@ -49,7 +49,7 @@ def _table() -> list[tuple[type[BaseException], int, str]]:
         (KnowledgeBaseError, 400, "knowledge_base"),
         (IngestError, 400, "ingest_error"),
         (AclError, 400, "acl_error"),
-        (ApiKeyError, 400, "api_key_error"),
+        (ApiKeyError, 400, "invalid_key_request"),
         (RegistryError, 400, "adapter_registry"),
         (BackupError, 400, "backup_error"),
     ]

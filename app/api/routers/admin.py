@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from pydantic import Field
 
-from app.api.audit import AuditTrail, trail
+from app.api.audit import AuditTrail, actor, trail
 from app.api.deps import KnowledgeBaseName, container, require, uploads
 from app.api.errors import ApiError
 from app.api.schemas import RequestBody
 from app.container import Container
 from app.uploads import Uploads, skipped
 from ingest.loaders import file_type_for
-from security.api_keys import ApiKeyError
 from security.principal import Principal
 
 router = APIRouter(tags=["admin"])
 admin = require()  # administrators only
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 # File systems allow 255 bytes per name; the rest is room for the temporary name of an upload in progress.
 MAX_NAME_BYTES = 200
 _SAFE_NAME = re.compile(r"[^\w.\- ]+", re.UNICODE)
@@ -94,9 +91,11 @@ async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str
                        "unsupported_file_type", "file")
     if len(filename.encode()) > MAX_NAME_BYTES:
         raise ApiError(400, f"file name too long: at most {MAX_NAME_BYTES} bytes (UTF-8)", "invalid_file_name", "file")
-    data = await file.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise ApiError(413, f"files may be at most {MAX_UPLOAD_BYTES // 2**20} MiB", "file_too_large", "file")
+    limit = int(c.settings.ingest.max_file_mb * 1024 * 1024)  # the one file-size limit, as for `ingest run`
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, f"files may be at most {c.settings.ingest.max_file_mb:g} MiB (ingest.max_file_mb)",
+                       "file_too_large", "file")
     await run_in_threadpool(c.kb_store.ensure_kb, name)
     group_list = [g.strip() for g in groups.split(",") if g.strip()] or None
     # Stored under a temporary name and swapped in only once ingested (app/uploads.py): a file that
@@ -112,12 +111,9 @@ async def _ingest_upload(name: str, file: UploadFile, filename: str, groups: str
 
 
 @router.delete("/v1/knowledge_bases/{name}/documents/{document_id}", summary="Remove a document")
-async def delete_document(name: KnowledgeBaseName, document_id: int, c: Container = Depends(container), _: Principal = Depends(admin),
-                          audit: AuditTrail = Depends(trail)) -> dict:
-    async with audit.action("document.remove", intent=True, knowledge_base=name, detail=f"document {document_id}"):
-        removed = await run_in_threadpool(c.pipeline.remove, name, str(document_id))
-        if not removed:
-            raise ApiError(404, f"no document {document_id} in {name!r}", "document_not_found", "document_id")
+async def delete_document(name: KnowledgeBaseName, document_id: int, request: Request,
+                          c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    await run_in_threadpool(c.documents.remove, actor(request), str(document_id), name)  # audited there
     return {"id": document_id, "deleted": True}
 
 
@@ -138,36 +134,23 @@ class KeyIn(RequestBody):
 
 
 @router.get("/v1/keys", summary="API keys (never the secrets)")
-async def list_keys(c: Container = Depends(container), _: Principal = Depends(admin),
-                    audit: AuditTrail = Depends(trail)) -> dict:
-    async with audit.action("key.list"):
-        keys = await run_in_threadpool(c.api_keys.list)
+async def list_keys(request: Request, c: Container = Depends(container), _: Principal = Depends(admin)) -> dict:
+    keys = await run_in_threadpool(c.keys.list, actor(request))
     return {"data": [_key(k) for k in keys]}
 
 
 @router.post("/v1/keys", status_code=201, summary="Create an API key; the key is returned once")
-async def create_key(body: KeyIn, c: Container = Depends(container), _: Principal = Depends(admin),
-                     audit: AuditTrail = Depends(trail)) -> dict:
-    wanted = f"name {body.name!r}; role {body.role}; groups {','.join(body.groups)}; kb {body.knowledge_base or '-'}"
-    async with audit.action("key.create", intent=True, knowledge_base=body.knowledge_base, detail=wanted) as act:
-        try:
-            token, info = await run_in_threadpool(
-                c.api_keys.create, body.name, body.role, body.groups, body.knowledge_base,
-                timedelta(days=body.expires_days) if body.expires_days else None)
-        except ApiKeyError as exc:
-            raise ApiError(400, str(exc), "invalid_key_request") from None
-        act.update(detail=f"created key {info.key_id}; {wanted}")  # the key id, never the key
+async def create_key(body: KeyIn, request: Request, c: Container = Depends(container),
+                     _: Principal = Depends(admin)) -> dict:
+    token, info = await run_in_threadpool(c.keys.create, actor(request), body.name, body.role, body.groups,
+                                          body.knowledge_base, body.expires_days)  # audited there
     return {"key": token, **_key(info)}
 
 
 @router.delete("/v1/keys/{key_id}", summary="Revoke an API key")
-async def revoke_key(key_id: str, c: Container = Depends(container), _: Principal = Depends(admin),
-                     audit: AuditTrail = Depends(trail)) -> dict:
-    async with audit.action("key.revoke", intent=True, detail=f"key {key_id[:64]}"):
-        try:
-            info = await run_in_threadpool(c.api_keys.revoke, key_id)
-        except ApiKeyError as exc:
-            raise ApiError(404, str(exc), "key_not_found", "key_id") from None
+async def revoke_key(key_id: str, request: Request, c: Container = Depends(container),
+                     _: Principal = Depends(admin)) -> dict:
+    info = await run_in_threadpool(c.keys.revoke, actor(request), key_id)  # audited there
     return _key(info)
 
 

@@ -50,7 +50,8 @@ class ChatCompletionRequest(RequestBody):
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     user: str | None = Field(None, max_length=256)
     # Enclave extensions
-    knowledge_base: KnowledgeBaseName = "default"
+    # None: the server's `default_kb`, as for the CLI.
+    knowledge_base: KnowledgeBaseName | None = None
     rag: bool = True
     top_k: int = Field(5, ge=1, le=20)
     conversation_id: str | None = Field(None, max_length=40)
@@ -83,6 +84,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, c: Container = Depends(container),
     who: Principal = Depends(require("user", "service")), audit: AuditTrail = Depends(trail),
 ):
+    body.knowledge_base = body.knowledge_base or c.settings.default_kb
     act = audit.action("chat", query=body.messages[-1].content, generation=True,
                        knowledge_base=body.knowledge_base if body.rag else None)
     try:
@@ -99,7 +101,7 @@ async def chat_completions(
         await act.finish(exc)  # refused or failed requests are recorded too
         raise
     act.update(chunk_ids=[s["chunk_id"] for s in prepared.sources], detail=f"completion {prepared.completion_id}")
-    model = body.model or c.settings.generation.model
+    model = c.generation_engine.name  # the model that answers (behind the openai engine: the remote one)
     public_sources = [{k: v for k, v in s.items() if k != "text"} for s in prepared.sources]
 
     def audited(last) -> None:
@@ -111,7 +113,7 @@ async def chat_completions(
     if not body.stream:
         async with act:  # the answer leaves only once its record is written
             parts, last = [], None
-            async with aclosing(service.answer(prepared)) as stream:
+            async with aclosing(await service.answer(prepared)) as stream:
                 async for chunk in stream:
                     parts.append(chunk.text)
                     last = chunk
@@ -142,7 +144,7 @@ async def chat_completions(
     # The engine queues the request here: a busy engine answers 503 + Retry-After now, before the
     # stream starts, and a stream that starts holds its place until it ends.
     try:
-        chunks = service.answer(prepared)
+        chunks = await service.answer(prepared)
     except BaseException as exc:
         await act.finish(exc)  # refused (busy) requests are recorded too
         raise

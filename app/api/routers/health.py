@@ -27,7 +27,7 @@ async def readyz(c: Container = Depends(container)):
         checks["indexes"] = "ok" if not damaged else f"degraded: {len(damaged)} knowledge base(s) unavailable"
     except Exception as exc:  # readiness reports, it does not raise
         damaged, checks["indexes"] = {}, f"error: {type(exc).__name__}"
-    checks["model"] = "ok" if getattr(c, "generation_ready", False) else "loading"
+    checks["model"] = "ok" if c.generation_ready else "loading"
     ready = all(v == "ok" for k, v in checks.items() if k != "indexes") and not checks["indexes"].startswith("error")
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks,
                          "unavailable_knowledge_bases": damaged}, status_code=200 if ready else 503)

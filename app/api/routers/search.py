@@ -18,7 +18,8 @@ router = APIRouter(tags=["search"])
 
 class SearchRequest(RequestBody):
     query: str = Field(..., min_length=1, max_length=4000)
-    knowledge_base: KnowledgeBaseName = "default"
+    # None: the server's `default_kb`, as for the CLI.
+    knowledge_base: KnowledgeBaseName | None = None
     top_k: int = Field(5, ge=1, le=50)
     mode: str = Field("hybrid", pattern="^(hybrid|dense|bm25)$")
     source_prefix: str | None = Field(None, max_length=1000)
@@ -44,6 +45,7 @@ class SearchResponse(BaseModel):
 @router.post("/v1/search", response_model=SearchResponse, summary="Retrieve permitted chunks")
 async def search(body: SearchRequest, c: Container = Depends(container), who: Principal = Depends(require("user", "service")),
                  audit: AuditTrail = Depends(trail)):
+    body.knowledge_base = body.knowledge_base or c.settings.default_kb
     async with audit.action("search", query=body.query, knowledge_base=body.knowledge_base) as act:
         check_kb_access(who, body.knowledge_base)
         reader = readable_groups(who, c.settings.ingest.default_groups)
