@@ -73,7 +73,9 @@ def test_no_secret_in_logs_responses_or_audit(upstream: str, models_dir: Path, t
 
         chat = {"messages": [{"role": "user", "content": "hello"}], "rag": False, "max_tokens": 4}
         assert call("POST", "/v1/chat/completions", user_key, json=chat) == 502  # upstream refused its key
-        assert call("POST", "/v1/chat/completions", user_key, json={**chat, "stream": True}) == 200
+        # Streamed too: the refusal is known before the stream starts (engine contract), so a 502,
+        # never a 200 whose stream carries the error.
+        assert call("POST", "/v1/chat/completions", user_key, json={**chat, "stream": True}) == 502
         assert call("POST", "/v1/chat/completions", wrong_key, json=chat) == 401
         assert call("POST", "/v1/search", f"{user_key} trailing", json={"query": "x"}) == 401
         assert call("GET", "/v1/keys", user_key) == 403
