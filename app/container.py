@@ -12,6 +12,7 @@ from app.conversations import ConversationStore
 from app.db import make_engine, upgrade
 from app.private import private_dir
 from app.services.chat import AnswerOptions, ChatService
+from app.services.operations import Later
 from app.settings import Settings
 from ingest.chunking import Chunker
 from ingest.loaders import LoaderOptions
@@ -180,9 +181,13 @@ class Container:
 
     @cached_property
     def chat_service(self) -> ChatService:
-        return ChatService(self.retriever, self.generation_engine, self.conversations,
+        # Built on first use: a request refused by its access check never loads a model.
+        return ChatService(Later(lambda: self.retriever), Later(lambda: self.generation_engine), self.conversations,
                            answer_redactor=self.pii if self.settings.generation.redact_answers else None,
-                           options=answer_options(self.settings), embed=self.embed_for_evidence)
+                           options=answer_options(self.settings), embed=self.embed_for_evidence,
+                           audit=self.audit, default_kb=self.settings.default_kb,
+                           default_groups=self.settings.ingest.default_groups,
+                           max_new_tokens=self.settings.generation.max_new_tokens)
 
     def embed_for_evidence(self, texts: list[str]):
         """[question, sentence, ...] -> vectors (the question embedded as a query, the rest as passages)."""
@@ -202,7 +207,15 @@ class Container:
     def documents(self):
         from app.services.documents import DocumentService
 
-        return DocumentService(self.pipeline, self.kb_store, self.audit, self.settings.default_kb)
+        return DocumentService(self.pipeline, self.kb_store, self.audit, self.settings.default_kb,
+                               self.settings.ingest.max_file_mb,
+                               forget=lambda kb: self.retriever.forget(kb))
+
+    @cached_property
+    def search_service(self):
+        from app.services.search import SearchService
+
+        return SearchService(Later(lambda: self.retriever), self.audit, self.settings.default_kb, self.settings.ingest.default_groups)
 
     @cached_property
     def keys(self):

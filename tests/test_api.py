@@ -670,3 +670,62 @@ def test_audit_write_failure_fails_the_request_closed(server):
     assert len(container.api_keys.list()) == keys_before  # the key was never created
     assert _failures() - before == len(responses)
     assert container.audit_log.verify().ok  # no gap, no half-written record
+
+
+# --- the service layer: typed responses, one chat service for every caller ------------------------
+
+def test_every_route_declares_its_response_model(server):
+    """Each JSON route's success response is a named schema, so schemathesis' response check
+    (test_openapi_schema_conformance) has something to check for chat, models and admin routes."""
+    schema = httpx.get(f"{server['base']}/openapi.json").json()
+    undeclared = []
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            ok = next(v for k, v in operation["responses"].items() if k.startswith("2"))
+            declared = ok.get("content", {}).get("application/json", {}).get("schema", {})
+            if "$ref" not in declared:
+                undeclared.append(f"{method.upper()} {path}")
+    assert not undeclared
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert "text/event-stream" in chat and chat["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
+
+
+def test_chat_service_complete_is_typed_and_audited_without_http(server):
+    """ChatService.complete serves any caller (the API's router is one): a typed completion, or a
+    stream of typed chunks ending with the outcome; each writes its audit records; a refusal is a
+    typed error recorded as denied."""
+    import asyncio
+
+    from app.services.access import AccessDenied
+    from app.services.audit import Actor
+    from app.services.chat import ChatInput, StreamFailure
+    from app.services.chat_shapes import ChatCompletion, ChatCompletionChunk
+    from llm.engine import ChatMessage
+    from security.principal import Principal
+
+    c = server["container"]
+    staff = Principal(subject="staff", role="user", groups=("everyone",))
+    pinned = Principal(subject="bot", role="service", knowledge_base="faq")
+    start = _next_seq(server)
+
+    async def run():
+        ask = ChatInput([ChatMessage("user", QUESTION)], max_tokens=8)  # knowledge base: the default one
+        whole = await c.chat_service.complete(ask, staff, Actor(subject="test:whole"))
+        events = await c.chat_service.complete(ask, staff, Actor(subject="test:stream"), stream=True)
+        items = [item async for item in events]
+        with pytest.raises(AccessDenied):
+            await c.chat_service.complete(ask, pinned, Actor(subject="test:pinned"))
+        return whole, items
+
+    whole, items = asyncio.run(run())
+    assert isinstance(whole, ChatCompletion) and whole.model == c.generation_engine.name
+    assert whole.sources and whole.sources[0].source == "leave-policy.md" and whole.usage.completion_tokens <= 8
+    assert all(isinstance(i, ChatCompletionChunk) for i in items) and not any(isinstance(i, StreamFailure) for i in items)
+    first, last = items[0].model_dump(exclude_unset=True), items[-1].model_dump(exclude_unset=True)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} and first["sources"]
+    assert last["choices"][0]["finish_reason"] and last["answer_mode"] == whole.answer_mode and "usage" in last
+    records = [r for r in _records(server, start) if r["subject"].startswith("test:")]
+    assert [(r["subject"], r["action"], r["status"]) for r in records] == [
+        ("test:whole", "chat", "ok"), ("test:stream", "chat", "started"), ("test:stream", "chat", "ok"),
+        ("test:pinned", "chat", "denied")]
+    assert records[0]["knowledge_base"] == c.settings.default_kb and records[-1]["detail"].startswith("403 forbidden")

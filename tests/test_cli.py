@@ -91,6 +91,8 @@ def test_cli_changes_are_audited_like_the_api(cli, tmp_path: Path):
     folder.mkdir()
     (folder / "note.md").write_text("# Parking\n\nVisitors park in bay C behind the north entrance.\n")
     cli("ingest", "run", str(folder), "--kb", "audited")
+    found = json.loads(cli("enclave", "search", "where do visitors park", "--kb", "audited", "--json").stdout)
+    cli("enclave", "search", "where do visitors park", "--kb", "nothing-here", expect=2)
     doc = next(d for d in json.loads(cli("ingest", "list", "--kb", "audited", "--json").stdout))
     cli("ingest", "remove", str(doc["id"]), "--kb", "audited")
     cli("ingest", "remove", "999999", "--kb", "audited", expect=2)
@@ -116,6 +118,30 @@ def test_cli_changes_are_audited_like_the_api(cli, tmp_path: Path):
     assert [s for s, _ in trail("adapter.rollback")[-2:]] == ["started", "failed"]
     created = trail("key.create")
     assert [s for s, _ in created[-2:]] == ["started", "failed"] and created[-1][1].startswith("400 invalid_key_request")
+    # A search from the CLI is audited like one through the API: one record, with what it returned.
+    searches = [r for r in records if r["action"] == "search"]
+    assert [(r["status"], r.get("knowledge_base")) for r in searches[-2:]] == [("ok", "audited"), ("failed", "nothing-here")]
+    assert json.loads(searches[-2]["chunk_ids"]) == [h["chunk_id"] for h in found["results"]]
+    assert searches[-1]["detail"].startswith("404 knowledge_base")
+
+
+def test_each_invocation_has_its_own_config_and_container(tmp_path: Path):
+    """No class-level or environment state: two commands in one process, each with its own
+    --config, each see their own settings (before, the second reused the first's container)."""
+    from typer.testing import CliRunner
+
+    from app.cli.main import app
+
+    runner = CliRunner()
+    seen = []
+    for name in ("first", "second"):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"data_dir: {tmp_path / name}\n")
+        result = runner.invoke(app, ["--config", str(config), "config", "show"])
+        assert result.exit_code == 0, result.output
+        seen.append(json.loads(result.stdout)["resolved"]["data_dir"])
+    assert seen == [str(tmp_path / "first"), str(tmp_path / "second")]
+    assert "ENCLAVE_CONFIG" not in os.environ
 
 
 def test_models_list(cli):

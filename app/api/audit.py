@@ -1,5 +1,6 @@
-"""Request side of the audit log: who/where from the request, and the ``action`` context manager
-that routers wrap their work in (see app/services/audit.py for when records are written)."""
+"""Request side of the audit log: who and where from the request (the ``Actor`` services record),
+and the ``action`` context manager for the few reads a router audits itself (see
+app/services/audit.py for when records are written)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,13 @@ import time
 from typing import Any
 
 from fastapi import Depends, Request
-from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import container
 from app.api.errors import ApiError
 from app.container import Container
 from app.logs import REQUEST_ID
-from app.services import outcomes
 from app.services.audit import Actor, AuditService, AuditUnavailable
+from app.services.operations import AsyncOperation
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # as the middleware accepts; the column holds 128
 # The public key id inside an API key (enc_<key id>_<secret>); only it is recorded, never the token.
@@ -51,68 +51,15 @@ def actor(request: Request) -> Actor:
 
 
 class AuditTrail:
+    """The audit of one request: ``async with trail.action("audit.status") as op:`` writes one record
+    after the work (app/services/operations.py; services take ``actor(request)`` themselves)."""
+
     def __init__(self, service: AuditService, request: Request):
         self.service = service
         self.request = request
 
-    def write_sync(self, action: str, **fields: Any) -> None:
-        self.service.record(actor(self.request), action, **fields)
-
-    async def write(self, action: str, **fields: Any) -> None:
-        await run_in_threadpool(self.write_sync, action, **fields)
-
-    def action(self, name: str, *, intent: bool = False, **fields: Any) -> "AuditedAction":
-        return AuditedAction(self, name, intent, fields)
-
-
-def outcome_of(exc: BaseException) -> tuple[str, str]:
-    """(status, detail) of a failed request, from the one outcome table (app/services/outcomes.py):
-    the status and error code, never the exception's message (it may quote input)."""
-    outcome = outcomes.outcome_of(exc)
-    return outcome.audit_status, outcome.detail
-
-
-class AuditedAction:
-    """``async with trail.action("kb.delete", intent=True, knowledge_base=name) as act:`` -- the
-    router sets further fields with ``act.update(...)``; the outcome record is written on exit."""
-
-    def __init__(self, trail: AuditTrail, name: str, intent: bool, fields: dict[str, Any]):
-        self.trail, self.name, self.intent, self.fields = trail, name, intent, fields
-        self.done = False
-
-    def update(self, **fields: Any) -> None:
-        self.fields.update(fields)
-
-    async def __aenter__(self) -> "AuditedAction":
-        if self.intent:
-            await self.start()
-        return self
-
-    async def start(self) -> None:
-        """The ``started`` record, before an effect that cannot be held back (raises AuditUnavailable)."""
-        await self.trail.write(self.name, status="started", **self.fields)
-
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
-        await self.finish(exc)
-        return False
-
-    async def finish(self, exc: BaseException | None = None, status: str | None = None) -> None:
-        if self.done:
-            return
-        self.done = True
-        fields = dict(self.fields)
-        if exc is not None:
-            status, code = outcome_of(exc)
-            fields["detail"] = f"{code}; {fields['detail']}" if fields.get("detail") else code
-            if isinstance(exc, ApiError):
-                exc.audited = True  # the error handler must not record it twice
-        await self.trail.write(self.name, status=status or "ok", **fields)
-
-    def finish_sync(self, status: str, **fields: Any) -> None:
-        """For a stream the client abandoned: the task is being cancelled, so no awaiting."""
-        if not self.done:
-            self.done = True
-            self.trail.write_sync(self.name, status=status, **{**self.fields, **fields})
+    def action(self, name: str, **fields: Any) -> AsyncOperation:
+        return AsyncOperation(self.service, actor(self.request), name, **fields)
 
 
 def trail(request: Request, c: Container = Depends(container)) -> AuditTrail:

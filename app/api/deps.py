@@ -122,15 +122,3 @@ def require(*roles: str) -> Callable[..., Principal]:
 
     check.roles = frozenset(("admin", *roles))  # read by the RBAC test and docs/security.md's table
     return check
-
-
-def readable_groups(who: Principal, default_groups: list[str]) -> Principal:
-    """Every signed-in user belongs to the default groups (documents nobody restricted)."""
-    if who.is_admin:
-        return who
-    return Principal(who.subject, who.role, tuple(sorted(set(who.groups) | set(default_groups))), who.knowledge_base)
-
-
-def check_kb_access(who: Principal, kb: str) -> None:
-    if who.knowledge_base is not None and who.knowledge_base != kb:
-        raise ApiError(403, f"this key is limited to the knowledge base {who.knowledge_base!r}", "forbidden", "knowledge_base")

@@ -94,11 +94,29 @@ class AnswerUnhandled:
                 await error_response(500, "internal error; see the server log", "internal_error")(scope, receive, send)
 
 
+def failure(exc: BaseException) -> tuple[int, dict, dict | None]:
+    """(status, OpenAI error body, headers) of a failed operation, from the one outcome table
+    (app/services/outcomes.py) shared with the audit records and the CLI; used for error responses
+    and for the error event that ends a stream which fails after it started."""
+    from app.services.audit import AuditUnavailable
+    from app.services.outcomes import outcome_of
+
+    outcome = outcome_of(exc)
+    if isinstance(exc, AuditUnavailable):
+        message = AUDIT_UNAVAILABLE  # the reason is for the server log, not the client
+    elif outcome.code == "engine_error":
+        message = f"generation failed: {exc}"
+    else:
+        message = str(exc)
+    param = getattr(exc, "param", None) or ("messages" if outcome.code == "context_length_exceeded" else None)
+    headers = {"Retry-After": "2"} if outcome.code == "server_busy" else None
+    return outcome.status, error_body(outcome.status, message, outcome.code, param), headers
+
+
 def install(app: FastAPI, on_denied: Callable[[Request, ApiError], None] | None = None) -> None:
     """``on_denied``: called (in a worker thread) for each 401/403, to audit it; if it raises
     AuditUnavailable the answer is a 503 instead."""
     from app.services.audit import AuditUnavailable
-    from app.services.outcomes import outcome_of
 
     app.add_middleware(AnswerUnhandled)
 
@@ -127,20 +145,18 @@ def install(app: FastAPI, on_denied: Callable[[Request, ApiError], None] | None 
         return error_response(400, f"{param + ': ' if param else ''}{first.get('msg')}", "invalid_request", param)
 
     async def _library_error(_: Request, exc: Exception):
-        # What each failure means comes from the one outcome table (app/services/outcomes.py),
-        # shared with the audit records and the CLI.
-        outcome = outcome_of(exc)
         if isinstance(exc, KnowledgeBaseUnavailable):
             log.error("%s", exc)
-        message = f"generation failed: {exc}" if outcome.code == "engine_error" else str(exc)
-        param = "messages" if outcome.code == "context_length_exceeded" else None
-        headers = {"Retry-After": "2"} if outcome.code == "server_busy" else None
-        return error_response(outcome.status, message, outcome.code, param, headers)
+        status, body, headers = failure(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
 
-    from app.services.documents import DocumentNotFound
+    from app.services.access import AccessDenied
+    from app.services.chat import ChatRefused
+    from app.services.documents import DocumentNotFound, UploadRefused
     from security.api_keys import ApiKeyError
 
-    for kind in (PromptTooLong, EngineBusy, EngineError, KnowledgeBaseError, DocumentNotFound, ApiKeyError):
+    for kind in (PromptTooLong, EngineBusy, EngineError, KnowledgeBaseError, DocumentNotFound, UploadRefused,
+                 ApiKeyError, AccessDenied, ChatRefused):
         app.add_exception_handler(kind, _library_error)
 
     @app.exception_handler(Exception)

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import State, cli_errors, out
+from app.cli.common import cli_errors, out
 
 audit_app = typer.Typer(help="Tamper-evident audit log (hash chain, signed checkpoints).", no_args_is_help=True)
 
@@ -28,14 +28,15 @@ def cli_actor():
     return Actor(request_id=f"cli-{secrets.token_hex(8)}", subject=f"cli:{user}", role="admin")
 
 
-def record(action: str, **fields) -> None:
+def record(container, action: str, **fields) -> None:
     """Append one record for a CLI action (raises AuditUnavailable: the command fails)."""
-    State.container().audit.record(cli_actor(), action, **fields)
+    container.audit.record(cli_actor(), action, **fields)
 
 
 @audit_app.command("verify")
 @cli_errors
 def verify(
+    ctx: typer.Context,
     file: Annotated[Path | None, typer.Option("--file", help="Verify an export (JSONL) instead of the database.")] = None,
     public_key: Annotated[
         Path | None, typer.Option("--public-key", help="PEM public key obtained independently (with --file).")
@@ -51,7 +52,7 @@ def verify(
         with open(file, encoding="utf-8") as handle:
             report = verify_export(handle, keys)
     else:
-        report = State.container().audit_log.verify()
+        report = ctx.obj.container().audit_log.verify()
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
     elif report.ok:
@@ -86,6 +87,7 @@ def _since(value: str, log) -> int:
 @audit_app.command("export")
 @cli_errors
 def export(
+    ctx: typer.Context,
     since: Annotated[str, typer.Option("--since", help="First sequence number, or an ISO date/time.")] = "1",
     out_file: Annotated[Path | None, typer.Option("--out", help="Write to this file (default: standard output).")] = None,
 ) -> None:
@@ -94,7 +96,7 @@ def export(
     from app.private import open_private
     from security.audit import canonical_json
 
-    log = State.container().audit_log
+    log = ctx.obj.container().audit_log
     first = _since(since, log)
     handle = open_private(out_file) if out_file else sys.stdout  # the chain holds questions and answers
     count = 0
@@ -105,16 +107,16 @@ def export(
     finally:
         if out_file:
             handle.close()
-    record("audit.export", detail=f"from seq {first}; {count} records")
+    record(ctx.obj.container(), "audit.export", detail=f"from seq {first}; {count} records")
     if out_file:
         out.print(f"exported {count} records from seq {first} to {out_file}", highlight=False)
 
 
 @audit_app.command("checkpoint")
 @cli_errors
-def checkpoint() -> None:
+def checkpoint(ctx: typer.Context) -> None:
     """Sign the newest record now (an Ed25519 checkpoint)."""
-    cp = State.container().audit_log.checkpoint()
+    cp = ctx.obj.container().audit_log.checkpoint()
     if cp is None:
         out.print("the audit chain is empty: nothing to sign")
         return

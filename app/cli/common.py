@@ -28,26 +28,31 @@ ConfigOption = Annotated[
 ]
 
 
-class State:
-    config: Path | None = None
-    _container = None
+class CliSession:
+    """What one command invocation shares: its ``--config`` and the container built from it on first
+    use. It lives in the invocation's context (``ctx.obj``; commands take ``ctx: typer.Context``),
+    not in module or class state, so two invocations in one process never share a container."""
 
-    @classmethod
-    def container(cls):
-        if cls._container is None:
+    def __init__(self, config: Path | None):
+        self.config = config
+        self._container = None
+
+    def container(self):
+        if self._container is None:
             from app.container import Container
             from app.settings import load_settings
 
-            cls._container = Container(load_settings(cls.config))
-        return cls._container
+            self._container = Container(load_settings(self.config))
+        return self._container
 
 
-def set_config(config: Path | None) -> None:
+def set_config(ctx: typer.Context, config: Path | None) -> None:
+    """Called by each console script's callback, before any command runs: the invocation's session
+    goes into its context (``ctx.obj``, which the commands' contexts inherit)."""
     from app.private import use_private_umask
 
     use_private_umask()  # every console script: what it writes is the service account's only
-    State.config = config
-    State._container = None
+    ctx.obj = CliSession(config)
 
 
 def kb_name(value: str | None) -> str | None:
@@ -65,6 +70,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from llm.models import ModelError
     from retrieval.store import KnowledgeBaseError
     from app.backup import BackupError
+    from app.services.access import AccessDenied
     from app.services.audit import AuditUnavailable
     from app.services.documents import DocumentNotFound
     from security.api_keys import ApiKeyError
@@ -72,7 +78,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from security.tls import TlsError
 
     return (AclError, IngestError, ModelError, KnowledgeBaseError, ApiKeyError, BackupError, TlsError, FileNotFoundError,
-            ValidationError, RuntimeError, AuditError, AuditUnavailable, DocumentNotFound)
+            ValidationError, RuntimeError, AuditError, AuditUnavailable, DocumentNotFound, AccessDenied)
 
 
 def cli_errors(func: Callable[..., Any]) -> Callable[..., Any]:

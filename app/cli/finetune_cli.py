@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from app.cli.audit_cli import cli_actor
-from app.cli.common import ConfigOption, State, cli_errors, console, out, set_config
+from app.cli.common import cli_errors, ConfigOption, console, out, set_config
 
 app = typer.Typer(help="LoRA fine-tuning: run jobs, list adapters, promote and roll back.", no_args_is_help=True)
 
@@ -20,14 +20,15 @@ EXIT_LOCKED = 3  # another job is running (a scheduler may simply try again next
 
 
 @app.callback()
-def main(config: ConfigOption = None) -> None:
-    if config is not None:  # as `enclave finetune`, `enclave --config` already chose it
-        set_config(config)
+def main(ctx: typer.Context, config: ConfigOption = None) -> None:
+    if config is not None or ctx.obj is None:  # as `enclave finetune`, `enclave --config` already chose it
+        set_config(ctx, config)
 
 
 @app.command("run")
 @cli_errors
 def run(
+    ctx: typer.Context,
     data: Annotated[list[Path] | None, typer.Option("--data", help="Curated chat JSONL to add (repeatable).")] = None,
     eval_data: Annotated[
         list[Path] | None, typer.Option("--eval-data", help="Chat JSONL held out for the gate (repeatable).")] = None,
@@ -43,7 +44,7 @@ def run(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    container = State.container()
+    container = ctx.obj.container()
     config = container.finetune_job_config(data, eval_data, base)
     feedback = container.conversations.feedback_for_training() if container.settings.finetune.include_feedback else []
 
@@ -73,9 +74,9 @@ def run(
 
 @app.command("list")
 @cli_errors
-def list_adapters(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def list_adapters(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Adapters in the registry with their status and gate metrics."""
-    adapters = State.container().finetune_registry.list()
+    adapters = ctx.obj.container().finetune_registry.list()
     if as_json:
         out.print_json(json.dumps([a.__dict__ for a in adapters], default=str))
         return
@@ -96,27 +97,27 @@ def list_adapters(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
 
 @app.command("promote")
 @cli_errors
-def promote(version: Annotated[str, typer.Argument(help="The adapter version shown by `finetune list`.")]) -> None:
+def promote(ctx: typer.Context, version: Annotated[str, typer.Argument(help="The adapter version shown by `finetune list`.")]) -> None:
     """Make VERSION the active adapter (servers switch within finetune.poll_seconds, no restart)."""
-    adapter = State.container().adapters.promote(cli_actor(), version)
+    adapter = ctx.obj.container().adapters.promote(cli_actor(), version)
     out.print(f"{adapter.version} is active (previous: {adapter.previous_version or 'base model'})", highlight=False)
 
 
 @app.command("rollback")
 @cli_errors
-def rollback() -> None:
+def rollback(ctx: typer.Context) -> None:
     """Retire the active adapter and re-activate the one before it (or the base model)."""
-    retired, active = State.container().adapters.rollback(cli_actor())
+    retired, active = ctx.obj.container().adapters.rollback(cli_actor())
     out.print(f"retired {retired.version}; now serving {active.version if active else 'the base model'}",
               highlight=False)
 
 
 @app.command("jobs")
 @cli_errors
-def jobs(limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+def jobs(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Job history, newest first."""
-    rows = State.container().finetune_registry.jobs(limit)
+    rows = ctx.obj.container().finetune_registry.jobs(limit)
     if as_json:
         out.print_json(json.dumps([r.model_dump() for r in rows], default=str))
         return

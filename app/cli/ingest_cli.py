@@ -15,14 +15,14 @@ from rich.text import Text
 from rich.table import Table
 
 from app.cli.audit_cli import cli_actor
-from app.cli.common import ConfigOption, State, cli_errors, console, kb_name, out, set_config
+from app.cli.common import cli_errors, ConfigOption, console, kb_name, out, set_config
 
 app = typer.Typer(help="Ingest documents into a knowledge base.", no_args_is_help=True)
 
 
 @app.callback()
-def main(config: ConfigOption = None) -> None:
-    set_config(config)
+def main(ctx: typer.Context, config: ConfigOption = None) -> None:
+    set_config(ctx, config)
 
 
 class RateColumn(ProgressColumn):
@@ -66,6 +66,7 @@ def _split_groups(groups: str | None) -> list[str] | None:
 @app.command("run")
 @cli_errors
 def run(
+    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="Folder (or single file) to ingest.")],
     kb: Annotated[str | None, typer.Option("--kb", callback=kb_name, help="Knowledge base (default from config).")] = None,
     groups: Annotated[str | None, typer.Option("--groups", help="Comma-separated groups for files no ACL rule matches.")] = None,
@@ -73,7 +74,7 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
 ) -> None:
     """Ingest PATH: new and changed files are embedded, unchanged ones skipped, deleted ones removed."""
-    container = State.container()
+    container = ctx.obj.container()
     kb = kb or container.settings.default_kb
     progress = RichProgress() if (console.is_terminal and not as_json) else None
     report = container.documents.ingest(cli_actor(), path, kb, _split_groups(groups), delete_missing=not no_delete,
@@ -100,9 +101,9 @@ def run(
 
 @app.command("status")
 @cli_errors
-def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Knowledge bases with document/chunk counts, index version and recent ingest runs."""
-    store = State.container().kb_store
+    store = ctx.obj.container().kb_store
     kbs = [store.stats(name).__dict__ for name in store.list_kbs()]
     runs = [r for r in store.recent_runs(limit=10)]
     if as_json:
@@ -124,11 +125,12 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @app.command("list")
 @cli_errors
 def list_documents(
+    ctx: typer.Context,
     kb: Annotated[str | None, typer.Option("--kb", callback=kb_name)] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Documents of a knowledge base with their groups and chunk counts."""
-    container = State.container()
+    container = ctx.obj.container()
     kb = kb or container.settings.default_kb
     container.kb_store.get_kb(kb)
     docs = container.kb_store.documents(kb)
@@ -145,11 +147,12 @@ def list_documents(
 @app.command("remove")
 @cli_errors
 def remove(
+    ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="Document id, file path, or folder path.")],
     kb: Annotated[str | None, typer.Option("--kb", callback=kb_name)] = None,
 ) -> None:
     """Remove documents (and their chunks and vectors) from a knowledge base."""
-    removed = State.container().documents.remove(cli_actor(), target, kb)
+    removed = ctx.obj.container().documents.remove(cli_actor(), target, kb)
     for d in removed:
         out.print(f"removed {d.id} {d.source} ({d.chunk_count} chunks)", highlight=False)
 

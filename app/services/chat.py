@@ -30,8 +30,14 @@ from fastapi.concurrency import run_in_threadpool
 
 from app import metrics
 from app.conversations import ConversationStore, new_id
+from app.services.access import AccessDenied, check_kb_access, readable_groups
+from app.services.audit import Actor, AuditService, AuditUnavailable
+from app.services.chat_shapes import (
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, ChunkDelta, Usage,
+)
+from app.services.operations import AsyncOperation, Later, resolved
 from llm.engine import (
-    ChatMessage, Engine, EngineBusy, GenerationChunk, GenerationRequest, HeldStream, PromptTooLong,
+    ChatMessage, Engine, EngineBusy, EngineError, GenerationChunk, GenerationRequest, HeldStream, PromptTooLong,
 )
 from llm.evidence import (
     Evidence, PromptProfile, answer_type, compress, has_type, missing_names, score_sentences, split_sentences,
@@ -58,10 +64,10 @@ _LOOP_HOLDBACK = 32
 @dataclass
 class ChatInput:
     messages: list[ChatMessage]
-    knowledge_base: str
+    knowledge_base: str | None = None  # None: the server's default_kb (complete)
     rag: bool = True
     top_k: int = 5
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: the server's default (complete)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -126,17 +132,201 @@ class AnswerChunk:
     outcome: AnswerOutcome | None = None
 
 
+class ChatRefused(ValueError):
+    """A chat request that cannot be answered as asked; it carries its HTTP status and error code."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.http_status, self.error_code, self.param = status, code, param
+
+
+MAX_STOPS, MAX_STOP_CHARS = 4, 64
+
+
+@dataclass
+class StreamFailure:
+    """A streamed answer that broke off after it started (busy or failing engine, audit log down):
+    the API ends the stream with this error as an event instead of ``[DONE]``."""
+
+    error: BaseException
+
+
+class AnswerEvents:
+    """A streamed answer: :class:`ChatCompletionChunk` items, the first with the sources as retrieved,
+    the last with the outcome; a :class:`StreamFailure` may end it instead. It holds the request's
+    place in the engine and its open audit record: ``abandon()`` (idempotent, no awaiting) gives the
+    place back and records what was sent, for a client that left early or never started reading."""
+
+    def __init__(self, items: AsyncIterator[ChatCompletionChunk | StreamFailure], abandon: Callable[[], None]):
+        self._items = items
+        self.abandon = abandon
+
+    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk | StreamFailure]:
+        return self._items
+
+    async def aclose(self) -> None:
+        await self._items.aclose()
+
+
 class ChatService:
-    def __init__(self, retriever: Retriever, engine: Engine, conversations: ConversationStore, snippet_chars: int = 300,
+    def __init__(self, retriever: Retriever | Later[Retriever], engine: Engine | Later[Engine],
+                 conversations: ConversationStore, snippet_chars: int = 300,
                  answer_redactor: PiiRedactor | None = None, options: AnswerOptions | None = None,
-                 embed: Embed | None = None):
-        self.retriever = retriever
-        self.engine = engine
+                 embed: Embed | None = None, *, audit: AuditService | None = None, default_kb: str = "default",
+                 default_groups: list[str] | None = None, max_new_tokens: int = 512):
+        self._retriever = retriever
+        self._engine = engine
         self.conversations = conversations
         self.snippet_chars = snippet_chars
         self.answer_redactor = answer_redactor  # generation.redact_answers
         self.options = options or AnswerOptions()
         self.embed = embed  # scores evidence sentences (None: lexical scores only)
+        self.audit = audit  # complete() records every request; prepare()/answer() alone record nothing
+        self.default_kb = default_kb
+        self.default_groups = list(default_groups or [])
+        self.max_new_tokens = max_new_tokens  # generation.max_new_tokens: the most a request may ask for
+
+    @property
+    def retriever(self) -> Retriever:
+        return resolved(self._retriever)
+
+    @property
+    def engine(self) -> Engine:
+        return resolved(self._engine)
+
+    # --- one request, start to finish (the API's /v1/chat/completions) ---------------------------
+
+    async def complete(self, chat: ChatInput, who: Principal, actor: Actor, *,
+                       stream: bool = False) -> ChatCompletion | AnswerEvents:
+        """Check, retrieve, answer, store and audit one chat request.
+
+        Not streamed: one audit record once the answer is complete, before it is returned. Streamed:
+        the engine is asked first (a busy one raises ``EngineBusy`` now, before any byte), then the
+        ``started`` record (question, retrieved chunk ids) is written, so a failing audit log fails
+        the request before the stream starts; the outcome record (answer sha256, tokens, answer mode)
+        follows when the stream ends, and if it cannot be written the stream ends with a
+        :class:`StreamFailure` instead of its last chunk. Refused and failed requests are recorded too.
+        """
+        chat = replace(chat, knowledge_base=chat.knowledge_base or self.default_kb)
+        op = AsyncOperation(self.audit, actor, "chat", query=chat.messages[-1].content, generation=True,
+                            knowledge_base=chat.knowledge_base if chat.rag else None)
+        try:
+            chat = self._checked(chat, who)
+            prepared = await self.prepare(chat, readable_groups(who, self.default_groups))
+        except BaseException as exc:
+            await op.finish(exc)
+            raise
+        op.update(chunk_ids=[s["chunk_id"] for s in prepared.sources], detail=f"completion {prepared.completion_id}")
+        if not stream:
+            return await self._whole(chat, who, prepared, op)
+        return await self._streamed(chat, who, prepared, op)
+
+    def _checked(self, chat: ChatInput, who: Principal) -> ChatInput:
+        last = chat.messages[-1] if chat.messages else None
+        if last is None or last.role != "user":
+            raise ChatRefused(400, "invalid_messages", "the last message must come from the user", "messages")
+        if not last.content.strip():
+            raise ChatRefused(400, "invalid_messages", "the last user message is empty", "messages")
+        if len(chat.stop) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in chat.stop):
+            raise ChatRefused(400, "invalid_stop",
+                              f"stop: at most {MAX_STOPS} non-empty sequences of up to {MAX_STOP_CHARS} characters", "stop")
+        cap = self.max_new_tokens
+        if chat.max_tokens is not None and chat.max_tokens > cap:
+            raise ChatRefused(400, "max_tokens_too_large", f"max_tokens may be at most {cap}", "max_tokens")
+        if who.knowledge_base is not None and not chat.rag:
+            # A pinned key answers from its knowledge base only, never as a general-purpose model.
+            raise AccessDenied("this key is limited to answers from its knowledge base: rag must be true", "rag")
+        check_kb_access(who, chat.knowledge_base)
+        return replace(chat, max_tokens=chat.max_tokens or min(256, cap))
+
+    def _audit_answer(self, op: AsyncOperation, prepared: PreparedChat, answer: str, last: AnswerChunk) -> None:
+        outcome = last.outcome
+        op.update(answer=answer, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                  detail=f"completion {prepared.completion_id}; answer {outcome.mode}"
+                         f"{' grounded' if outcome.grounded else ' ungrounded'}")
+
+    async def _whole(self, chat: ChatInput, who: Principal, prepared: PreparedChat,
+                     op: AsyncOperation) -> ChatCompletion:
+        async with op:  # the answer leaves only once its record is written
+            parts, last = [], None
+            async with aclosing(await self.answer(prepared)) as chunks:
+                async for chunk in chunks:
+                    parts.append(chunk.text)
+                    last = chunk
+            answer = "".join(parts)
+            self._audit_answer(op, prepared, answer, last)
+            conversation = await run_in_threadpool(
+                self.record, chat, who, prepared, answer, last.prompt_tokens, last.completion_tokens, last.outcome)
+        return ChatCompletion(
+            id=prepared.completion_id, created=prepared.created, model=self.engine.name,
+            choices=[ChatChoice(index=0, message=AssistantMessage(role="assistant", content=answer),
+                                finish_reason=last.finish_reason)],
+            usage=_usage(last), sources=last.outcome.sources, answer_mode=last.outcome.mode,
+            grounded=last.outcome.grounded, conversation_id=conversation, adapter=last.adapter)
+
+    async def _streamed(self, chat: ChatInput, who: Principal, prepared: PreparedChat,
+                        op: AsyncOperation) -> AnswerEvents:
+        try:
+            chunks = await self.answer(prepared)  # queued now: a busy engine is a 503 before any byte
+        except BaseException as exc:
+            await op.finish(exc)  # refused (busy) requests are recorded too
+            raise
+        try:
+            await op.start()
+        except BaseException:
+            chunks.release()
+            raise
+        parts: list[str] = []
+        last: AnswerChunk | None = None
+        model = self.engine.name
+
+        def event(delta: dict, finish: str | None = None, **extra) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=prepared.completion_id, object="chat.completion.chunk",
+                                       created=prepared.created, model=model,
+                                       choices=[ChunkChoice(index=0, delta=ChunkDelta(**delta), finish_reason=finish)],
+                                       **extra)
+
+        def abandon() -> None:
+            chunks.release()
+            if not op.done:
+                try:
+                    op.finish_sync("cancelled", answer="".join(parts),
+                                   completion_tokens=last.completion_tokens if last else None)
+                except AuditUnavailable:
+                    pass  # counted; there is nobody left to tell
+
+        async def items() -> AsyncIterator[ChatCompletionChunk | StreamFailure]:
+            nonlocal last
+            try:
+                yield event({"role": "assistant", "content": ""},
+                            sources=[{k: v for k, v in s.items() if k != "text"} for s in prepared.sources])
+                try:
+                    # A client that disconnects closes this generator, and aclosing closes the
+                    # engine's stream at once, which frees the request's slot in the running batch.
+                    async with aclosing(chunks) as answer:
+                        async for chunk in answer:
+                            parts.append(chunk.text)
+                            last = chunk
+                            if chunk.text:
+                                yield event({"content": chunk.text})
+                except EngineError as exc:  # a remote engine may still fail once it has started
+                    await op.finish(exc)
+                    yield StreamFailure(exc)
+                    return
+                answer_text = "".join(parts)
+                self._audit_answer(op, prepared, answer_text, last)
+                conversation = await run_in_threadpool(self.record, chat, who, prepared, answer_text,
+                                                       last.prompt_tokens, last.completion_tokens, last.outcome)
+                await op.finish()
+                yield event({}, last.finish_reason, usage=_usage(last), sources=last.outcome.sources,
+                            answer_mode=last.outcome.mode, grounded=last.outcome.grounded,
+                            conversation_id=conversation, adapter=last.adapter)
+            except AuditUnavailable as exc:
+                yield StreamFailure(exc)
+            finally:
+                abandon()
+
+        return AnswerEvents(items(), abandon)
 
     # --- preparation ------------------------------------------------------------------------------
 
@@ -438,3 +628,8 @@ class ChatService:
                 "snippet": chunk.text[: self.snippet_chars],
                 "quote": {"text": " … ".join(chunk.text[sp["start"]:sp["end"]] for sp in spans), "spans": spans,
                           "supports_answer": bool(quote.get("supports_answer"))} if spans else None}
+
+
+def _usage(last: AnswerChunk) -> Usage:
+    return Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                 total_tokens=last.prompt_tokens + last.completion_tokens)

@@ -7,17 +7,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from app.api.deps import container
+from app.api.responses import Health, Readiness
 from app.container import Container
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is alive")
+@router.get("/healthz", response_model=Health, summary="The process is alive")
 async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Model loaded, database writable and sane, index files intact")
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}},
+            summary="Model loaded, database writable and sane, index files intact")
 async def readyz(c: Container = Depends(container)):
     """503 unless the database takes writes and the model is loaded; knowledge bases whose index
     files fail their sha256 are listed in `unavailable_knowledge_bases` (only they answer 503)."""

@@ -12,6 +12,7 @@ from pydantic import Field
 from app.api.audit import AuditTrail, trail
 from app.api.deps import container, require
 from app.api.errors import ApiError
+from app.api.responses import EmbeddingList, ModelList
 from app.api.schemas import RequestBody
 from app.container import Container
 from security.principal import Principal
@@ -20,7 +21,7 @@ router = APIRouter(tags=["models"])
 _CREATED = int(time.time())
 
 
-@router.get("/v1/models", summary="Models served here (OpenAI schema)")
+@router.get("/v1/models", response_model=ModelList, summary="Models served here (OpenAI schema)")
 async def list_models(c: Container = Depends(container), _: Principal = Depends(require("user", "service"))) -> dict:
     names = [c.settings.generation.model if c.settings.generation.engine == "transformers"
              else (c.settings.generation.openai_model or "remote"), c.settings.embedding.model]
@@ -34,7 +35,7 @@ class EmbeddingRequest(RequestBody):
     user: str | None = None
 
 
-@router.post("/v1/embeddings", summary="Embed texts with the knowledge-base embedder (OpenAI schema)")
+@router.post("/v1/embeddings", response_model=EmbeddingList, summary="Embed texts with the knowledge-base embedder (OpenAI schema)")
 async def embeddings(body: EmbeddingRequest, c: Container = Depends(container), _: Principal = Depends(require("user")),
                      audit: AuditTrail = Depends(trail)) -> dict:
     texts = [body.input] if isinstance(body.input, str) else body.input

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from app.api.audit import AuditTrail, trail
-from app.api.deps import KnowledgeBaseName, check_kb_access, container, readable_groups, require
+from app.api.audit import actor
+from app.api.deps import KnowledgeBaseName, container, require
 from app.api.schemas import RequestBody
 from app.container import Container
-from retrieval.retriever import SearchFilters
+from app.services.search import SearchQuery
 from security.principal import Principal
 
 router = APIRouter(tags=["search"])
@@ -43,17 +43,13 @@ class SearchResponse(BaseModel):
 
 
 @router.post("/v1/search", response_model=SearchResponse, summary="Retrieve permitted chunks")
-async def search(body: SearchRequest, c: Container = Depends(container), who: Principal = Depends(require("user", "service")),
-                 audit: AuditTrail = Depends(trail)):
-    body.knowledge_base = body.knowledge_base or c.settings.default_kb
-    async with audit.action("search", query=body.query, knowledge_base=body.knowledge_base) as act:
-        check_kb_access(who, body.knowledge_base)
-        reader = readable_groups(who, c.settings.ingest.default_groups)
-        filters = SearchFilters(source_prefix=body.source_prefix, file_types=tuple(body.file_types) if body.file_types else None)
-        hits = await run_in_threadpool(c.retriever.search, body.query, body.knowledge_base, reader, body.top_k, filters, body.mode)
-        act.update(chunk_ids=[h.chunk_id for h in hits])
+async def search(body: SearchRequest, request: Request, c: Container = Depends(container),
+                 who: Principal = Depends(require("user", "service"))) -> SearchResponse:
+    query = SearchQuery(body.query, body.knowledge_base, body.top_k, body.mode, body.source_prefix,
+                        tuple(body.file_types) if body.file_types else None)
+    found = await run_in_threadpool(c.search_service.search, actor(request), who, query)  # access and audit there
     return SearchResponse(results=[
         SearchResult(chunk_id=h.chunk_id, document_id=h.document_id, source=h.source, title=h.title, page=h.page,
                      text=h.text, score=h.fused_score, dense_score=h.dense_score, bm25_score=h.bm25_score)
-        for h in hits
+        for h in found.hits
     ])
