@@ -26,6 +26,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
         assert proc.returncode == expect, f"{program} {args}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
 
+    run.data_dir = data_dir
     return run
 
 
@@ -85,7 +86,7 @@ def _audit_records(cli, tmp_path: Path) -> list[dict]:
 
 
 def test_cli_changes_are_audited_like_the_api(cli, tmp_path: Path):
-    """ingest run / remove, finetune promote / rollback and key commands write the same started +
+    """ingest run / remove, search, finetune run / promote / rollback and key commands write the same started +
     outcome records as the admin API, with the operator as subject; failures are recorded too."""
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -98,6 +99,10 @@ def test_cli_changes_are_audited_like_the_api(cli, tmp_path: Path):
     cli("ingest", "remove", "999999", "--kb", "audited", expect=2)
     cli("finetune", "promote", "no-such-adapter", expect=2)
     cli("finetune", "rollback", expect=2)
+    from finetune.jobs import JobLock
+
+    with JobLock(cli.data_dir / "finetune" / "job.lock"):  # a job is running: this one is refused, and recorded
+        cli("finetune", "run", expect=3)
     cli("enclave", "keys", "create", "bad-role-key", "--role", "emperor", expect=2)
 
     records = _audit_records(cli, tmp_path)
@@ -116,6 +121,8 @@ def test_cli_changes_are_audited_like_the_api(cli, tmp_path: Path):
     assert [s for s, _ in trail("adapter.promote")[-2:]] == ["started", "failed"]
     assert trail("adapter.promote")[-1][1].startswith("400 adapter_registry")
     assert [s for s, _ in trail("adapter.rollback")[-2:]] == ["started", "failed"]
+    assert [s for s, _ in trail("finetune.run")[-2:]] == ["started", "failed"]
+    assert trail("finetune.run")[-1][1].startswith("409 job_running")
     created = trail("key.create")
     assert [s for s, _ in created[-2:]] == ["started", "failed"] and created[-1][1].startswith("400 invalid_key_request")
     # A search from the CLI is audited like one through the API: one record, with what it returned.

@@ -40,7 +40,7 @@ def run(
 
     Exits 0 without training when nothing changed since the last adapter; 3 when another job runs.
     """
-    from finetune.jobs import JobLocked, run_job
+    from finetune.jobs import JobLocked
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -56,9 +56,10 @@ def run(
             console.print(f"step {step}/{total} loss {loss:.4f}", highlight=False)
 
     try:
-        outcome = run_job(config, container.finetune_registry, feedback=feedback,
-                          synthetic_chunks=container.finetune_synthetic_chunks(), redact=container.finetune_redact,
-                          trigger=trigger, say=say, progress=progress)
+        outcome = container.adapters.train(cli_actor(), config, feedback=feedback,
+                                           synthetic_chunks=container.finetune_synthetic_chunks(),
+                                           redact=container.finetune_redact, trigger=trigger, say=say,
+                                           progress=progress)  # audited there
     except JobLocked as exc:
         console.print(f"[bold yellow]busy:[/] {exc}", highlight=False)
         sys.exit(EXIT_LOCKED)

@@ -34,6 +34,7 @@ def _table() -> list[tuple[type[BaseException], int, str]]:
     """Most specific first. Imported lazily: the libraries load heavy modules."""
     from app.backup import BackupError
     from app.services.audit import AuditUnavailable
+    from finetune.jobs import JobLocked
     from finetune.registry import RegistryError
     from ingest.acl import AclError
     from ingest.pipeline import IngestError
@@ -51,6 +52,7 @@ def _table() -> list[tuple[type[BaseException], int, str]]:
         (AclError, 400, "acl_error"),
         (ApiKeyError, 400, "invalid_key_request"),
         (RegistryError, 400, "adapter_registry"),
+        (JobLocked, 409, "job_running"),
         (BackupError, 400, "backup_error"),
     ]
 
