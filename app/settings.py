@@ -114,6 +114,9 @@ class AnswerSettings(BaseModel):
 class ChunkingSettings(BaseModel):
     chunk_size: int = Field(750, ge=50, description="characters per chunk")
     chunk_overlap: int = Field(150, ge=0)
+    contextual_headers: bool = Field(
+        True, description="embed each chunk with its heading path (title > section > ...) in front; "
+        "changing it (or the sizes) makes existing documents stale: `ingest reindex --kb NAME`")
 
     @model_validator(mode="after")
     def _overlap_smaller(self) -> "ChunkingSettings":
@@ -142,6 +145,12 @@ class IngestSettings(BaseModel):
     max_zip_ratio: float = Field(200.0, gt=1, description="uncompressed/compressed size (checked past 16 MiB)")
 
 
+# Tuned on the English, second English and Chinese question sets (docs/benchmarks.md, Retrieval).
+HEADING_WEIGHT = 1.0
+DOCUMENT_WEIGHT = 0.0
+NEIGHBOUR_WEIGHT = 0.0
+
+
 class RetrievalSettings(BaseModel):
     dense_weight: float = Field(1.0, ge=0)
     bm25_weight: float = Field(1.0, ge=0)
@@ -156,6 +165,15 @@ class RetrievalSettings(BaseModel):
     approximate_from: int = Field(50_000, ge=1, description="chunks from which FAISS switches to IVF")
     nprobe: int = Field(64, ge=1, description="IVF lists probed per query (64 of ~1,264 at 100k chunks: recall@10 0.96)")
     query_cache_size: int = Field(1024, ge=0)
+    heading_weight: float = Field(
+        HEADING_WEIGHT, ge=0, description="BM25 weight of a chunk's heading path (title > section > ...) relative to "
+        "its text; 0: headings not indexed. A change rebuilds the BM25 index from the database (no re-embedding)")
+    document_weight: float = Field(
+        DOCUMENT_WEIGHT, ge=0, description="rerank: share of the other candidates' fused scores from the same document "
+        "added to a candidate's; 0: off")
+    neighbour_weight: float = Field(
+        NEIGHBOUR_WEIGHT, ge=0, description="rerank: share of a candidate's fused score given to the chunks just before "
+        "and after it; 0: off")
 
 
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")

@@ -11,6 +11,7 @@ ingest, possibly in another process, publishes a newer index version.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from retrieval.vector_index import IdFilter
 from security.principal import Principal
 
 Mode = Literal["hybrid", "dense", "bm25"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class RetrievedChunk:
     source: str
     title: str | None
     page: int | None
-    heading: str | None
+    heading: str | None  # the heading path within the document: "Section > Subsection > Entry"
     text: str
     dense_score: float | None  # cosine similarity, None if not among the dense candidates
     bm25_score: float | None  # BM25 over the reader's permitted chunks, None if no term matched
@@ -87,6 +89,15 @@ class RetrievalConfig:
     mmr_lambda: float | None = None  # e.g. 0.7 for some diversity; None disables MMR
     rerank_top_n: int = 20
     query_cache_size: int = 1024
+    # Reranking by document structure (no model): after fusion, each candidate gains
+    # ``document_weight`` x the fused scores of the other candidates from its document (a passage
+    # of the document most of the evidence points to beats an isolated match elsewhere), and
+    # each candidate passes ``neighbour_weight`` x its fused score to the chunks just before and
+    # after it in its document (the answer is often in the chunk next to the one that shares the
+    # question's words), which may bring those in. 0 turns either off. Measured in
+    # docs/benchmarks.md (Retrieval, ablation).
+    document_weight: float = 0.0
+    neighbour_weight: float = 0.0
 
 
 class _Snapshot:
@@ -102,8 +113,15 @@ class _Snapshot:
                 .order_by(DocumentRow.id)
             ).all()
             chunks = session.exec(
-                select(ChunkRow.id, ChunkRow.document_id).where(ChunkRow.kb == kb).order_by(ChunkRow.id)
+                select(ChunkRow.id, ChunkRow.document_id, ChunkRow.ordinal).where(ChunkRow.kb == kb).order_by(ChunkRow.id)
             ).all()
+        self.stale_documents = store.stale_documents(kb)
+        if self.stale_documents:
+            log.warning(
+                "knowledge base %s: %d document(s) were indexed with another chunker or embedder (%s is current); "
+                "their chunks are searched as they are: run `ingest reindex --kb %s` to rebuild them",
+                kb, self.stale_documents, store.index_version, kb,
+            )
         self.doc_ids = np.asarray([d[0] for d in docs], dtype=np.int64)
         self.doc_sources = [d[1] for d in docs]
         self.doc_types = np.asarray([d[2] for d in docs], dtype=object)
@@ -114,6 +132,7 @@ class _Snapshot:
         # Canonical chunk order: sorted ids (the lexical rows and FAISS ids map onto it).
         self.chunk_ids = np.asarray([c[0] for c in chunks], dtype=np.int64)
         self.chunk_doc = np.searchsorted(self.doc_ids, np.asarray([c[1] for c in chunks], dtype=np.int64))
+        self.chunk_ordinal = np.asarray([c[2] for c in chunks], dtype=np.int64)
         self.lexical_pos = self.lexical.row_positions(self.chunk_ids)
         self._masks: OrderedDict[tuple, _Permitted] = OrderedDict()
         self._lock = threading.Lock()
@@ -274,6 +293,8 @@ class Retriever:
             if self.config.cjk_bm25_weight is not None and mostly_cjk(query):
                 weight = self.config.cjk_bm25_weight
             self._fuse(candidates, ids, scores, "bm25", weight)
+        if self.config.document_weight or self.config.neighbour_weight:
+            self._structure_rerank(candidates, snap, permitted)
         ranked = sorted(candidates.values(), key=lambda c: (-c.fused, c.chunk_id))
         pool = ranked[: max(top_k, self.config.rerank_top_n if self.reranker else top_k, want if self.config.mmr_lambda else 0)]
         results = self._materialise(pool, principal)
@@ -288,6 +309,38 @@ class Retriever:
             candidate = candidates.setdefault(chunk_id, _Candidate(chunk_id))
             setattr(candidate, kind, float(score))
             candidate.fused += weight / (self.config.rrf_k + rank)
+
+    def _structure_rerank(self, candidates: dict[int, _Candidate], snap: _Snapshot, permitted: "_Permitted") -> None:
+        """Document aggregation and neighbour expansion over the fused candidates (see
+        RetrievalConfig.document_weight / neighbour_weight); neighbours must be permitted too."""
+        ids = np.fromiter(candidates.keys(), dtype=np.int64, count=len(candidates))
+        base = np.fromiter((c.fused for c in candidates.values()), dtype=np.float64, count=len(candidates))
+        pos = np.searchsorted(snap.chunk_ids, ids)
+        pos = np.minimum(pos, len(snap.chunk_ids) - 1)
+        known = snap.chunk_ids[pos] == ids  # a chunk added after the snapshot was loaded is left as it is
+        docs = np.where(known, snap.chunk_doc[pos], -1)
+        if self.config.document_weight:
+            totals: dict[int, float] = {}
+            for doc, score in zip(docs.tolist(), base.tolist()):
+                if doc >= 0:
+                    totals[doc] = totals.get(doc, 0.0) + score
+            for candidate, doc, score in zip(candidates.values(), docs.tolist(), base.tolist()):
+                if doc >= 0:
+                    candidate.fused += self.config.document_weight * (totals[doc] - score)
+        if self.config.neighbour_weight:
+            last = len(snap.chunk_ids) - 1
+            for p, doc, score, ok in zip(pos.tolist(), docs.tolist(), base.tolist(), known.tolist()):
+                if not ok:
+                    continue
+                for q in (p - 1, p + 1):
+                    if not 0 <= q <= last or snap.chunk_doc[q] != doc:
+                        continue
+                    if abs(int(snap.chunk_ordinal[q]) - int(snap.chunk_ordinal[p])) != 1:
+                        continue
+                    if permitted.mask is not None and not permitted.mask[q]:
+                        continue
+                    neighbour = candidates.setdefault(int(snap.chunk_ids[q]), _Candidate(int(snap.chunk_ids[q])))
+                    neighbour.fused += self.config.neighbour_weight * score
 
     def _materialise(self, pool: list[_Candidate], principal: Principal) -> list[RetrievedChunk]:
         readable = self.readable_chunks([c.chunk_id for c in pool], principal)

@@ -1,6 +1,6 @@
-"""Documents of the knowledge bases: ingest a folder, remove documents; audited like every change.
+"""Documents of the knowledge bases: ingest a folder, reindex, remove documents; audited like every change.
 
-The CLI (`ingest run`, `ingest remove`) calls this service with the operator as actor; the admin
+The CLI (`ingest run`, `ingest reindex`, `ingest remove`) calls this service with the operator as actor; the admin
 API calls it with the signed-in administrator, so both write the same records.
 """
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from app.services.audit import Actor, AuditService
 from app.services.operations import audited
 from ingest.pipeline import IngestPipeline, IngestReport, Progress
+from ingest.reindex import reindex
 from retrieval.store import KnowledgeBaseStore, StoredDocument
 
 
@@ -37,6 +38,16 @@ class DocumentService:
             report = self.pipeline.run(path, kb, groups, delete_missing=delete_missing, progress=progress)
             op.update(detail=(f"{where}; added {report.added}, updated {report.updated}, deleted "
                               f"{report.deleted}, failed {report.failed}, skipped {report.skipped}"))
+        return report
+
+    def reindex(self, actor: Actor, kb: str | None = None, *, everything: bool = False,
+                progress: Progress | None = None) -> IngestReport:
+        """Re-chunk and re-embed the documents of ``kb`` indexed with another chunker/embedder."""
+        kb = kb or self.default_kb
+        with audited(self.audit, actor, "ingest.reindex", knowledge_base=kb,
+                     detail="all documents" if everything else "stale documents") as op:
+            report = reindex(self.pipeline, kb, everything=everything, progress=progress)
+            op.update(detail=f"reindexed {report.updated}, failed {report.failed}, chunks {report.chunks}")
         return report
 
     def remove(self, actor: Actor, target: str, kb: str | None = None) -> list[StoredDocument]:
