@@ -622,7 +622,17 @@ def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
                 # Items start a new line; the enclosing list/table adds the paragraph break
                 # after the last one, so items stay on consecutive lines.
                 out.append("\n")
+                start, sections_before = len(out), len(sections)
                 walk(child, out, pre, inner)
+                if name == "dd" and len(sections) == sections_before:
+                    # A description's first paragraph follows its term on the next line instead
+                    # of after a paragraph break, so the chunker (which cuts at paragraph
+                    # breaks first) keeps "CONCURRENTLY" with what it means.
+                    for i in range(start, len(out)):
+                        if out[i].strip():
+                            out[i] = out[i].lstrip()
+                            break
+                        out[i] = ""
             elif name in _HTML_BLOCKS or name in _HTML_HEADINGS:
                 out.append("\n\n")
                 walk(child, out, pre or name == "pre", inner)

@@ -32,6 +32,7 @@ class SearchResult(BaseModel):
     source: str
     title: str | None
     page: int | None
+    heading: str | None = None  # where in the document: "Section > Subsection > Entry"
     text: str
     score: float
     dense_score: float | None = None
@@ -54,6 +55,6 @@ async def search(body: SearchRequest, c: Container = Depends(container), who: Pr
         act.update(chunk_ids=[h.chunk_id for h in hits])
     return SearchResponse(results=[
         SearchResult(chunk_id=h.chunk_id, document_id=h.document_id, source=h.source, title=h.title, page=h.page,
-                     text=h.text, score=h.fused_score, dense_score=h.dense_score, bm25_score=h.bm25_score)
+                     heading=h.heading, text=h.text, score=h.fused_score, dense_score=h.dense_score, bm25_score=h.bm25_score)
         for h in hits
     ])
