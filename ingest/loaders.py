@@ -234,6 +234,13 @@ class _HeadingStack:
         del self._open[depth:]
         return self.path
 
+    def snapshot(self) -> list[tuple[float, str]]:
+        return list(self._open)
+
+    def restore(self, saved: list[tuple[float, str]]) -> tuple[str, ...]:
+        self._open[:] = saved
+        return self.path
+
     def __len__(self) -> int:
         return len(self._open)
 
@@ -558,16 +565,17 @@ def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
     sections: list[Section] = []
     headings: list[str] = []
     buf: list[str] = []
-    state: dict[str, Any] = {"heading": None, "h1": None, "path": (), "dl": 0}
+    state: dict[str, Any] = {"heading": None, "h1": None, "path": (), "dl": 0, "body": False, "glue": False}
     stack = _HeadingStack()
 
     def flush() -> None:
         sections.append(Section("".join(buf), heading=state["heading"], heading_path=state["path"]))
         buf.clear()
 
-    def open_heading(level: int, text: str) -> None:
+    def open_heading(level: float, text: str) -> None:
         flush()
         state["heading"], state["path"] = text, stack.push(level, text)
+        state["body"] = False  # no text under this heading yet
 
     # Chrome is skipped while walking (one pass over the tree). Removing it beforehand needed a
     # "was this already removed with an ancestor?" test per tag, and bs4 answers an attribute it
@@ -579,6 +587,10 @@ def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
             if isinstance(child, NavigableString):
                 # Source newlines inside a paragraph are just spaces; <pre> keeps its lines.
                 out.append(str(child) if pre else re.sub(r"\s+", " ", str(child)))
+                if child.strip():
+                    state["glue"] = False
+                    if out is buf:
+                        state["body"] = True
                 continue
             if not isinstance(child, Tag) or _is_html_chrome(child, in_content):
                 continue
@@ -587,7 +599,10 @@ def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
             if name in _HTML_HEADINGS and out is buf:
                 text = inline_text(child, inner)
                 if text:
-                    open_heading(int(name[1]), text)
+                    # Inside a definition list (an admonition in a parameter's description) a
+                    # heading nests under the entry instead of closing it and its section.
+                    level = int(name[1]) if not state["dl"] else 6.5 + state["dl"]
+                    open_heading(level, text)
                     headings.append(text)
                     if name == "h1" and state["h1"] is None:
                         state["h1"] = text
@@ -622,21 +637,27 @@ def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
                 # Items start a new line; the enclosing list/table adds the paragraph break
                 # after the last one, so items stay on consecutive lines.
                 out.append("\n")
-                start, sections_before = len(out), len(sections)
+                # A description's first paragraph follows its term on the next line instead of
+                # after a paragraph break, so the chunker (which cuts at paragraph breaks first)
+                # keeps "CONCURRENTLY" with what it means: the first block inside <dd> opens with
+                # no break of its own (cleared by the first text).
+                state["glue"] = name == "dd"
                 walk(child, out, pre, inner)
-                if name == "dd" and len(sections) == sections_before:
-                    # A description's first paragraph follows its term on the next line instead
-                    # of after a paragraph break, so the chunker (which cuts at paragraph
-                    # breaks first) keeps "CONCURRENTLY" with what it means.
-                    for i in range(start, len(out)):
-                        if out[i].strip():
-                            out[i] = out[i].lstrip()
-                            break
-                        out[i] = ""
+                state["glue"] = False
             elif name in _HTML_BLOCKS or name in _HTML_HEADINGS:
-                out.append("\n\n")
+                saved = stack.snapshot()
+                if not state["glue"]:
+                    out.append("\n\n")
                 walk(child, out, pre or name == "pre", inner)
                 out.append("\n\n")
+                if stack.snapshot() != saved and state["body"] and out is buf:
+                    # A heading opened inside this element, followed by text, ends with it: a
+                    # <section> of a Sphinx page, a DocBook <div class="sect2">, an admonition's
+                    # "Tip" title. A wrapper holding only its heading (DocBook's titlepage,
+                    # <header><h1>) does not end it: the text after the wrapper belongs to it.
+                    flush()
+                    state["path"] = stack.restore(saved)
+                    state["heading"] = state["path"][-1] if state["path"] else None
             else:
                 walk(child, out, pre, inner)
 

@@ -98,6 +98,7 @@ class RetrievalConfig:
     # docs/benchmarks.md (Retrieval, ablation).
     document_weight: float = 0.0
     neighbour_weight: float = 0.0
+    neighbour_sources: int = 10  # the top candidates (by fused score) that lend to their neighbours
 
 
 class _Snapshot:
@@ -320,17 +321,27 @@ class Retriever:
         known = snap.chunk_ids[pos] == ids  # a chunk added after the snapshot was loaded is left as it is
         docs = np.where(known, snap.chunk_doc[pos], -1)
         if self.config.document_weight:
-            totals: dict[int, float] = {}
+            # The best *other* candidate of the document: a sum would favour long documents with
+            # many weak matches (measured: it pushed the right file out of the top 5).
+            best: dict[int, list[float]] = {}
             for doc, score in zip(docs.tolist(), base.tolist()):
                 if doc >= 0:
-                    totals[doc] = totals.get(doc, 0.0) + score
+                    top = best.setdefault(doc, [0.0, 0.0])
+                    if score > top[0]:
+                        top[0], top[1] = score, top[0]
+                    elif score > top[1]:
+                        top[1] = score
             for candidate, doc, score in zip(candidates.values(), docs.tolist(), base.tolist()):
                 if doc >= 0:
-                    candidate.fused += self.config.document_weight * (totals[doc] - score)
+                    top = best[doc]
+                    candidate.fused += self.config.document_weight * (top[1] if score >= top[0] else top[0])
         if self.config.neighbour_weight:
             last = len(snap.chunk_ids) - 1
-            for p, doc, score, ok in zip(pos.tolist(), docs.tolist(), base.tolist(), known.tolist()):
-                if not ok:
+            # Only the strongest candidates lend to their neighbours: from every candidate, runs of
+            # weakly matching chunks in long pages lifted each other (measured).
+            sources = set(np.argsort(-base, kind="stable")[: self.config.neighbour_sources].tolist())
+            for i, (p, doc, score, ok) in enumerate(zip(pos.tolist(), docs.tolist(), base.tolist(), known.tolist())):
+                if not ok or i not in sources:
                     continue
                 for q in (p - 1, p + 1):
                     if not 0 <= q <= last or snap.chunk_doc[q] != doc:
