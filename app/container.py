@@ -173,7 +173,7 @@ class Container:
         config = RetrievalConfig(
             dense_weight=cfg.dense_weight, bm25_weight=cfg.bm25_weight, cjk_bm25_weight=cfg.cjk_bm25_weight, rrf_k=cfg.rrf_k, candidates=cfg.candidates,
             mmr_lambda=cfg.mmr_lambda, rerank_top_n=cfg.rerank_top_n, query_cache_size=cfg.query_cache_size,
-            document_weight=cfg.document_weight, neighbour_weight=cfg.neighbour_weight,
+            document_weight=cfg.document_weight, neighbour_weight=cfg.neighbour_weight, fusion=cfg.fusion,
         )
         return Retriever(self.kb_store, self.embedder, config, reranker, observer=metrics.observe_search)
 

@@ -85,17 +85,18 @@ class RetrievalConfig:
     # None with a multilingual embedder.
     cjk_bm25_weight: float | None = None
     rrf_k: int = 60
+    fusion: str = "rrf"  # "rrf": reciprocal rank fusion; "score": weighted sum of min-max scaled scores
     candidates: int = 50  # per retriever, before fusion
     mmr_lambda: float | None = None  # e.g. 0.7 for some diversity; None disables MMR
     rerank_top_n: int = 20
     query_cache_size: int = 1024
     # Reranking by document structure (no model): after fusion, each candidate gains
-    # ``document_weight`` x the fused scores of the other candidates from its document (a passage
-    # of the document most of the evidence points to beats an isolated match elsewhere), and
-    # each candidate passes ``neighbour_weight`` x its fused score to the chunks just before and
-    # after it in its document (the answer is often in the chunk next to the one that shares the
-    # question's words), which may bring those in. 0 turns either off. Measured in
-    # docs/benchmarks.md (Retrieval, ablation).
+    # ``document_weight`` x the fused score of the best other candidate from its document (a
+    # passage of the document the evidence points to beats an isolated match elsewhere), and each
+    # of the ``neighbour_sources`` best candidates passes ``neighbour_weight`` x its fused score
+    # to the chunks just before and after it in its document (the answer is often in the chunk
+    # next to the one that shares the question's words), which may bring those in. 0 turns either
+    # off. Measured in docs/benchmarks.md (Retrieval, ablation): neither helps on all three sets.
     document_weight: float = 0.0
     neighbour_weight: float = 0.0
     neighbour_sources: int = 10  # the top candidates (by fused score) that lend to their neighbours
@@ -306,6 +307,17 @@ class Retriever:
         return results[:top_k], permitted.acl_filtered
 
     def _fuse(self, candidates: dict[int, _Candidate], ids: np.ndarray, scores: np.ndarray, kind: str, weight: float) -> None:
+        if self.config.fusion == "score" and len(scores):
+            # Convex combination of scores scaled to [0, 1] over this list (min-max), so a clear
+            # winner keeps its margin where RRF would give it only 1/(k+1) vs 1/(k+2).
+            values = np.asarray(scores, dtype=np.float64)
+            low, high = float(values.min()), float(values.max())
+            scaled = (values - low) / (high - low) if high > low else np.ones_like(values)
+            for chunk_id, score, value in zip(ids.tolist(), scores.tolist(), scaled.tolist()):
+                candidate = candidates.setdefault(chunk_id, _Candidate(chunk_id))
+                setattr(candidate, kind, float(score))
+                candidate.fused += weight * value
+            return
         for rank, (chunk_id, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1):
             candidate = candidates.setdefault(chunk_id, _Candidate(chunk_id))
             setattr(candidate, kind, float(score))
