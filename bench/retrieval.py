@@ -8,7 +8,10 @@ Two real documentation corpora, each with a hand-written question set in ``bench
   ``/usr/share/doc/python3.11/html``), questions in ``retrieval_en.jsonl``;
 - Chinese: the Simplified-Chinese LibreOffice help (Debian ``libreoffice-help-zh-cn``, HTML under
   ``.../help/zh-CN``), questions in ``retrieval_zh.jsonl``. Installing that package with apt pulls
-  all of LibreOffice (300+ packages), so the benchmark only unpacks the .deb (see below).
+  all of LibreOffice (300+ packages), so the benchmark only unpacks the .deb (see below);
+- a second English set (``--languages en2``): the PostgreSQL 15 manual (Debian ``postgresql-doc-15``,
+  DocBook HTML under ``/usr/share/doc/postgresql-doc-15/html``, 300 files by default), questions in
+  ``retrieval_en2.jsonl``, so that English tuning is checked on a differently structured manual.
 
 Each row names the answering file (relative to the corpus root) and a key phrase: a short exact
 substring of that file's visible text (checked after BeautifulSoup ``get_text``, in an Enclave chunk
@@ -59,7 +62,14 @@ Reproduce (Debian 12; nothing is installed by this script)::
     mkdir -p /var/tmp/enclave-bench && cd /var/tmp/enclave-bench \\
       && apt-get download libreoffice-help-zh-cn \\
       && dpkg-deb -x libreoffice-help-zh-cn_*.deb libreoffice-help-zh-cn
+    apt-get install -y postgresql-doc-15   # for --languages en2
     HF_HUB_OFFLINE=1 ENCLAVE_MODELS_DIR=var/models .venv/bin/python bench/retrieval.py
+
+Ablations: ``--set chunking.contextual_headers=false`` (any ``section.key=value`` setting; use a
+separate ``--work-dir`` when it changes the chunks), ``--variant LABEL:key=value,...`` (hybrid again
+on the same knowledge base with other retrieval settings: heading_weight, rrf_k, fusion,
+document_weight, neighbour_weight, ...), ``--embed-cache FILE`` (memoise passage vectors by text
+between runs).
 
 Options: ``--skip-speed``, ``--skip-quality`` (speed still ingests the corpora with Enclave to get
 real chunks), ``--skip-langchain``, ``--sizes 10000,100000``, ``--json``, ``--work-dir DIR --keep``
