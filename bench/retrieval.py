@@ -260,7 +260,14 @@ def enclave_search(container, kb: str, questions: list[dict], mode: str) -> dict
     return out
 
 
-def variant_search(container, kb: str, questions: list[dict], values: dict[str, float]) -> dict:
+def _number_or_text(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value  # e.g. fusion=score
+
+
+def variant_search(container, kb: str, questions: list[dict], values: dict) -> dict:
     """Hybrid search with some retrieval settings changed, on the same knowledge base. The BM25
     heading weight is the store's: the snapshot is reloaded, which rebuilds BM25 from the rows."""
     retriever, store = container.retriever, container.kb_store
@@ -662,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = []
     for spec in args.variant:
         label, _, pairs = spec.partition(":")
-        variants.append((label, {k: float(v) for k, v in (p.split("=", 1) for p in pairs.split(",") if p)}))
+        variants.append((label, {k: _number_or_text(v) for k, v in (p.split("=", 1) for p in pairs.split(",") if p)}))
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="enclave-bench-retrieval-"))
     work.mkdir(parents=True, exist_ok=True)
