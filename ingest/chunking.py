@@ -56,7 +56,7 @@ class Chunk:
 
 
 class Chunker:
-    def __init__(self, chunk_size: int = 750, chunk_overlap: int = 150, contextual_headers: bool = True):
+    def __init__(self, chunk_size: int = 750, chunk_overlap: int = 150, contextual_headers: bool = False):
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         if not 0 <= chunk_overlap < chunk_size:
