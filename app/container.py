@@ -143,11 +143,13 @@ class Container:
         return KnowledgeBaseStore(
             self.engine, self.settings.index_dir, self.embedder.name, self.embedder.dimension,
             approximate_from=cfg.approximate_from, nprobe=cfg.nprobe,
+            index_version=f"{self.embedder.name}|{self.chunker.version}", heading_weight=cfg.heading_weight,
         )
 
     @cached_property
     def chunker(self) -> Chunker:
-        return Chunker(self.settings.chunking.chunk_size, self.settings.chunking.chunk_overlap)
+        cfg = self.settings.chunking
+        return Chunker(cfg.chunk_size, cfg.chunk_overlap, contextual_headers=cfg.contextual_headers)
 
     @cached_property
     def pipeline(self) -> IngestPipeline:
@@ -172,6 +174,7 @@ class Container:
         config = RetrievalConfig(
             dense_weight=cfg.dense_weight, bm25_weight=cfg.bm25_weight, cjk_bm25_weight=cfg.cjk_bm25_weight, rrf_k=cfg.rrf_k, candidates=cfg.candidates,
             mmr_lambda=cfg.mmr_lambda, rerank_top_n=cfg.rerank_top_n, query_cache_size=cfg.query_cache_size,
+            document_weight=cfg.document_weight, neighbour_weight=cfg.neighbour_weight, fusion=cfg.fusion,
         )
         return Retriever(self.kb_store, self.embedder, config, reranker, observer=metrics.observe_search)
 

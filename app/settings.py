@@ -114,6 +114,12 @@ class AnswerSettings(BaseModel):
 class ChunkingSettings(BaseModel):
     chunk_size: int = Field(750, ge=50, description="characters per chunk")
     chunk_overlap: int = Field(150, ge=0)
+    # Off: measured on three question sets (docs/benchmarks.md), embedding the path cost English
+    # passage MRR@10 0.043 on the Python docs (sibling chunks of one page look alike to MiniLM) and
+    # gained 0.007 on the PostgreSQL manual. The path is still indexed (BM25 heading field) and shown.
+    contextual_headers: bool = Field(
+        False, description="embed each chunk with its heading path (title > section > ...) in front; "
+        "changing it (or the sizes) makes existing documents stale: `ingest reindex --kb NAME`")
 
     @model_validator(mode="after")
     def _overlap_smaller(self) -> "ChunkingSettings":
@@ -142,13 +148,23 @@ class IngestSettings(BaseModel):
     max_zip_ratio: float = Field(200.0, gt=1, description="uncompressed/compressed size (checked past 16 MiB)")
 
 
+# Tuned on the English, second English and Chinese question sets (docs/benchmarks.md, Retrieval).
+HEADING_WEIGHT = 3.0
+DOCUMENT_WEIGHT = 0.0
+NEIGHBOUR_WEIGHT = 0.0
+
+
 class RetrievalSettings(BaseModel):
     dense_weight: float = Field(1.0, ge=0)
     bm25_weight: float = Field(1.0, ge=0)
     cjk_bm25_weight: float | None = Field(
         20.0, ge=0, description="BM25 weight for mostly-Chinese queries; null: bm25_weight. The bundled embedder "
         "is English-only, so Chinese relies on BM25; set null with a multilingual embedder (bge-m3)")
-    rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant")
+    # 10 rather than the customary 60: a top rank counts for more against a long tail (measured on
+    # the three question sets, docs/benchmarks.md: MRR@10 +0.017 / +0.015 / +0.019 en / en2 / zh).
+    rrf_k: int = Field(10, ge=1, description="reciprocal rank fusion constant")
+    fusion: str = Field("rrf", pattern="^(rrf|score)$", description="rrf: reciprocal rank fusion; score: weighted "
+                        "sum of min-max scaled dense and BM25 scores")
     candidates: int = Field(50, ge=1, description="candidates per retriever before fusion")
     mmr_lambda: float | None = Field(None, ge=0, le=1, description="MMR relevance/diversity trade-off; null: off")
     reranker: str | None = Field(None, description="registered cross-encoder model name; null: no reranking")
@@ -156,6 +172,15 @@ class RetrievalSettings(BaseModel):
     approximate_from: int = Field(50_000, ge=1, description="chunks from which FAISS switches to IVF")
     nprobe: int = Field(64, ge=1, description="IVF lists probed per query (64 of ~1,264 at 100k chunks: recall@10 0.96)")
     query_cache_size: int = Field(1024, ge=0)
+    heading_weight: float = Field(
+        HEADING_WEIGHT, ge=0, description="BM25 weight of a chunk's heading path (title > section > ...) relative to "
+        "its text; 0: headings not indexed. A change rebuilds the BM25 index from the database (no re-embedding)")
+    document_weight: float = Field(
+        DOCUMENT_WEIGHT, ge=0, description="rerank: share of the best other candidate's fused score from the same document "
+        "added to a candidate's; 0: off")
+    neighbour_weight: float = Field(
+        NEIGHBOUR_WEIGHT, ge=0, description="rerank: share of a candidate's fused score given to the chunks just before "
+        "and after it; 0: off")
 
 
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")

@@ -8,7 +8,10 @@ Two real documentation corpora, each with a hand-written question set in ``bench
   ``/usr/share/doc/python3.11/html``), questions in ``retrieval_en.jsonl``;
 - Chinese: the Simplified-Chinese LibreOffice help (Debian ``libreoffice-help-zh-cn``, HTML under
   ``.../help/zh-CN``), questions in ``retrieval_zh.jsonl``. Installing that package with apt pulls
-  all of LibreOffice (300+ packages), so the benchmark only unpacks the .deb (see below).
+  all of LibreOffice (300+ packages), so the benchmark only unpacks the .deb (see below);
+- a second English set (``--languages en2``): the PostgreSQL 15 manual (Debian ``postgresql-doc-15``,
+  DocBook HTML under ``/usr/share/doc/postgresql-doc-15/html``, 300 files by default), questions in
+  ``retrieval_en2.jsonl``, so that English tuning is checked on a differently structured manual.
 
 Each row names the answering file (relative to the corpus root) and a key phrase: a short exact
 substring of that file's visible text (checked after BeautifulSoup ``get_text``, in an Enclave chunk
@@ -59,7 +62,14 @@ Reproduce (Debian 12; nothing is installed by this script)::
     mkdir -p /var/tmp/enclave-bench && cd /var/tmp/enclave-bench \\
       && apt-get download libreoffice-help-zh-cn \\
       && dpkg-deb -x libreoffice-help-zh-cn_*.deb libreoffice-help-zh-cn
+    apt-get install -y postgresql-doc-15   # for --languages en2
     HF_HUB_OFFLINE=1 ENCLAVE_MODELS_DIR=var/models .venv/bin/python bench/retrieval.py
+
+Ablations: ``--set chunking.contextual_headers=false`` (any ``section.key=value`` setting; use a
+separate ``--work-dir`` when it changes the chunks), ``--variant LABEL:key=value,...`` (hybrid again
+on the same knowledge base with other retrieval settings: heading_weight, rrf_k, fusion,
+document_weight, neighbour_weight, ...), ``--embed-cache FILE`` (memoise passage vectors by text
+between runs).
 
 Options: ``--skip-speed``, ``--skip-quality`` (speed still ingests the corpora with Enclave to get
 real chunks), ``--skip-langchain``, ``--sizes 10000,100000``, ``--json``, ``--work-dir DIR --keep``
@@ -96,6 +106,7 @@ sys.path.insert(0, str(REPO))
 
 DATA = REPO / "bench" / "data"
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html")
+PG_DOCS = Path("/usr/share/doc/postgresql-doc-15/html")  # apt-get install postgresql-doc-15
 LO_ZH_CANDIDATES = (
     Path("/usr/share/libreoffice/help/zh-CN"),  # apt-get install libreoffice-help-zh-cn
     Path("/var/tmp/enclave-bench/libreoffice-help-zh-cn/usr/share/libreoffice/help/zh-CN"),  # unpacked .deb
@@ -175,11 +186,57 @@ def squash(text: str) -> str:
 # --- systems --------------------------------------------------------------------------------------
 
 
-def make_container(data_dir: Path, models_dir: Path):
+def make_container(data_dir: Path, models_dir: Path, overrides: list[str] = ()):
+    """The app's container; ``overrides`` are "section.key=value" settings (JSON values)."""
     from app.container import Container
     from app.settings import load_settings
 
-    return Container(load_settings(data_dir=data_dir, models_dir=models_dir))
+    sections: dict[str, dict] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        sections.setdefault(section, {})[name] = parsed
+    return Container(load_settings(data_dir=data_dir, models_dir=models_dir, **sections))
+
+
+def cache_embeddings(embedder, path: Path) -> None:
+    """Memoise ``embedder.embed_passages`` by sha1 of the text in an SQLite file shared between
+    runs, so ablation variants that embed the same text do not pay for it twice (only for this
+    benchmark: the cache is keyed on the model's name, and vectors are the model's own)."""
+    import sqlite3
+
+    import numpy as np
+
+    db = sqlite3.connect(str(path), check_same_thread=False)
+    db.execute("CREATE TABLE IF NOT EXISTS v (model TEXT, key TEXT, vec BLOB, PRIMARY KEY (model, key))")
+    original = embedder.embed_passages
+
+    def embed_passages(texts: list[str]):
+        keys = [hashlib.sha1((embedder.passage_prefix + t).encode()).hexdigest() for t in texts]
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            rows = db.execute(
+                f"SELECT key, vec FROM v WHERE model = ? AND key IN ({','.join('?' * len(part))})", [embedder.name, *part]
+            ).fetchall()
+            found.update(rows)
+        todo = [i for i, k in enumerate(keys) if k not in found]
+        if todo:
+            fresh = original([texts[i] for i in todo])
+            db.executemany("INSERT OR REPLACE INTO v VALUES (?, ?, ?)",
+                           [(embedder.name, keys[i], fresh[j].tobytes()) for j, i in enumerate(todo)])
+            db.commit()
+            for j, i in enumerate(todo):
+                found[keys[i]] = fresh[j].tobytes()
+        if not texts:
+            return original(texts)
+        return np.stack([np.frombuffer(found[k], dtype=np.float32) for k in keys])
+
+    embedder.embed_passages = embed_passages
 
 
 def enclave_ingest(container, corpus: Path, kb: str) -> dict:
@@ -201,6 +258,32 @@ def enclave_search(container, kb: str, questions: list[dict], mode: str) -> dict
         hits = container.retriever.search(q["question"], kb, admin, top_k=TOP_K, mode=mode)
         out[q["id"]] = [(h.source, h.text) for h in hits]
     return out
+
+
+def _number_or_text(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value  # e.g. fusion=score
+
+
+def variant_search(container, kb: str, questions: list[dict], values: dict) -> dict:
+    """Hybrid search with some retrieval settings changed, on the same knowledge base. The BM25
+    heading weight is the store's: the snapshot is reloaded, which rebuilds BM25 from the rows."""
+    retriever, store = container.retriever, container.kb_store
+    base_config, base_weight = retriever.config, store.heading_weight
+    config_values = {k: v for k, v in values.items() if k != "heading_weight"}
+    try:
+        retriever.config = dataclasses.replace(base_config, **config_values)
+        if "heading_weight" in values and values["heading_weight"] != base_weight:
+            store.heading_weight = values["heading_weight"]
+            retriever.forget(kb)
+        return enclave_search(container, kb, questions, "hybrid")
+    finally:
+        retriever.config = base_config
+        if store.heading_weight != base_weight:
+            store.heading_weight = base_weight
+            retriever.forget(kb)
 
 
 def langchain_build(corpus: Path, files: list[str], model: Path, save_dir: Path) -> tuple[object, dict]:
@@ -535,10 +618,22 @@ def main(argv: list[str] | None = None) -> int:
                              % ", ".join(map(str, LO_ZH_CANDIDATES)))
     parser.add_argument("--questions-en", type=Path, default=DATA / "retrieval_en.jsonl", metavar="FILE")
     parser.add_argument("--questions-zh", type=Path, default=DATA / "retrieval_zh.jsonl", metavar="FILE")
+    parser.add_argument("--corpus-en2", type=Path, default=PG_DOCS, metavar="DIR",
+                        help="second English HTML root (default %(default)s)")
+    parser.add_argument("--questions-en2", type=Path, default=DATA / "retrieval_en2.jsonl", metavar="FILE")
+    parser.add_argument("--max-files-en2", type=int, default=300, metavar="N", help="default %(default)s")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="settings override for the Enclave side, e.g. chunking.contextual_headers=false "
+                             "(repeatable; use a separate --work-dir per chunking variant)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=V[,KEY=V]",
+                        help="also evaluate hybrid with these retrieval settings on the same knowledge base "
+                             "(keys: heading_weight, document_weight, neighbour_weight, bm25_weight, ...)")
+    parser.add_argument("--embed-cache", type=Path, metavar="FILE",
+                        help="memoise passage embeddings in this SQLite file (ablation runs)")
     parser.add_argument("--max-files", type=int, metavar="N", help="files per corpus (sets both; 0 = all)")
     parser.add_argument("--max-files-en", type=int, default=200, metavar="N", help="default %(default)s")
     parser.add_argument("--max-files-zh", type=int, default=400, metavar="N", help="default %(default)s")
-    parser.add_argument("--languages", default="en,zh", help="comma-separated subset of en,zh")
+    parser.add_argument("--languages", default="en,zh", help="comma-separated subset of en,en2,zh")
     parser.add_argument("--models-dir", type=Path,
                         default=Path(os.environ.get("ENCLAVE_MODELS_DIR") or REPO / "var" / "models"),
                         help="default $ENCLAVE_MODELS_DIR or var/models")
@@ -558,24 +653,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, metavar="FILE", help="also write the JSON object to FILE")
     args = parser.parse_args(argv)
     sweep = [float(w) for w in args.bm25_sweep.split(",") if w.strip()]
-    if args.max_files is not None:
-        args.max_files_en = args.max_files_zh = args.max_files
     warnings.filterwarnings("ignore", module="bs4")
 
     languages = [x.strip() for x in args.languages.split(",") if x.strip()]
-    corpora = {"en": args.corpus_en,
+    corpora = {"en": args.corpus_en, "en2": args.corpus_en2,
                "zh": args.corpus_zh or next((p for p in LO_ZH_CANDIDATES if p.is_dir()), LO_ZH_CANDIDATES[-1])}
     missing = [str(corpora[lang]) for lang in languages if not corpora[lang].is_dir()]
     if missing:
         parser.error(f"corpus folder not found: {', '.join(missing)}\nInstall the default corpora with:\n    {APT_HINT}")
-    questions = {"en": load_questions(args.questions_en), "zh": load_questions(args.questions_zh)}
-    max_files = {"en": args.max_files_en, "zh": args.max_files_zh}
+    question_files = {"en": args.questions_en, "en2": args.questions_en2, "zh": args.questions_zh}
+    questions = {lang: load_questions(question_files[lang]) for lang in languages}
+    max_files = {"en": args.max_files_en, "en2": args.max_files_en2, "zh": args.max_files_zh}
+    if args.max_files is not None:
+        max_files = dict.fromkeys(max_files, args.max_files)
+    variants = []
+    for spec in args.variant:
+        label, _, pairs = spec.partition(":")
+        variants.append((label, {k: _number_or_text(v) for k, v in (p.split("=", 1) for p in pairs.split(",") if p)}))
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="enclave-bench-retrieval-"))
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"machine": machine(), "top_k": TOP_K, "quality": {}, "speed": {}, "targets": {}}
     try:
-        container = make_container(work / "data", args.models_dir)
+        container = make_container(work / "data", args.models_dir, args.overrides)
+        if args.embed_cache:
+            cache_embeddings(container.embedder, args.embed_cache)
+        result["settings"] = args.overrides
         model_path = container.embedder.model_path
         if not (model_path / "modules.json").is_file():
             parser.error(f"embedding model not found at {model_path}; run `enclave models pull` or set ENCLAVE_MODELS_DIR")
@@ -612,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[f"hybrid bm25 w={weight:g}"] = enclave_search(container, f"bench-{lang}", qs, "hybrid")
                 finally:
                     container.retriever.config = base
+            for label, values in variants:
+                results[label] = variant_search(container, f"bench-{lang}", qs, values)
             info.update(evaluate(qs, results))
             result["quality"][lang] = info
             dense = info["systems"]["enclave dense"]["passage"]["mrr@10"]

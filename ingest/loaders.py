@@ -43,6 +43,9 @@ class Section:
     text: str
     page: int | None = None  # 1-based page (PDF page, slide, image frame), else None
     heading: str | None = None  # nearest heading (html/md/rst/docx), else None
+    # Headings from the outermost to the nearest (the last is ``heading``): "Guide > Install >
+    # Upgrades". Empty when the format has no heading levels or the section has no heading.
+    heading_path: tuple[str, ...] = ()
 
 
 @dataclass
@@ -184,7 +187,8 @@ def normalise_whitespace(text: str) -> str:
 
 def _clean_section(section: Section) -> Section:
     heading = normalise_whitespace(section.heading) if section.heading else None
-    return Section(normalise_whitespace(section.text), section.page, heading or None)
+    path = tuple(p for p in (" ".join(h.split()) for h in section.heading_path) if p)
+    return Section(normalise_whitespace(section.text), section.page, heading or None, path)
 
 
 def _merge_heading_only(sections: list[Section]) -> list[Section]:
@@ -202,7 +206,7 @@ def _merge_heading_only(sections: list[Section]) -> list[Section]:
         if nxt is not None and nxt.page == sec.page and _is_heading_only(sec):
             carry = text
             continue
-        out.append(Section(text, sec.page, sec.heading))
+        out.append(Section(text, sec.page, sec.heading, sec.heading_path))
     return out
 
 
@@ -211,6 +215,38 @@ def _is_heading_only(sec: Section) -> bool:
         return False
     rest = sec.text.replace(sec.heading, "", 1)
     return not any(ch.isalnum() for ch in rest)  # only markup such as "#" or "====" left
+
+
+class _HeadingStack:
+    """The open headings above the current text, by level: a level-2 heading closes the previous
+    level-2 (and deeper) ones, so ``path`` reads "Title > Section > Subsection"."""
+
+    def __init__(self) -> None:
+        self._open: list[tuple[float, str]] = []
+
+    def push(self, level: float, text: str) -> tuple[str, ...]:
+        while self._open and self._open[-1][0] >= level:
+            self._open.pop()
+        self._open.append((level, text))
+        return self.path
+
+    def pop_to(self, depth: int) -> tuple[str, ...]:
+        del self._open[depth:]
+        return self.path
+
+    def snapshot(self) -> list[tuple[float, str]]:
+        return list(self._open)
+
+    def restore(self, saved: list[tuple[float, str]]) -> tuple[str, ...]:
+        self._open[:] = saved
+        return self.path
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(text for _, text in self._open)
 
 
 def _table_row(cells: list[str]) -> str:
@@ -322,9 +358,10 @@ def _load_md(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
     buf: list[str] = []
     heading: str | None = None
     in_fence: str | None = None
+    stack, path = _HeadingStack(), ()
 
     def flush() -> None:
-        sections.append(Section("\n".join(buf), heading=heading))
+        sections.append(Section("\n".join(buf), heading=heading, heading_path=path))
 
     i = 0
     while i < len(lines):
@@ -347,7 +384,7 @@ def _load_md(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
                 i += 1
             if found:
                 flush()
-                buf, heading = [], found
+                buf, heading, path = [], found, stack.push(level, found)
                 headings.append(found)
                 if title is None and level == 1:
                     title = found
@@ -374,8 +411,9 @@ _RST_ADMONITIONS = {
 }  # fmt: skip
 
 
-def _load_rst(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument:
+def _load_rst(data: bytes, file: Path, options: LoaderOptions) -> LoadedDocument:
     lines = decode_text(data).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    stack, path, styles = _HeadingStack(), (), {}
     sections: list[Section] = []
     headings: list[str] = []
     title: str | None = None
@@ -396,8 +434,12 @@ def _load_rst(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument
         )
         if overlined or underlined:
             found = lines[i + 1].strip() if overlined else text_line
-            sections.append(Section("\n".join(buf), heading=heading))
-            buf, heading = [found], found
+            sections.append(Section("\n".join(buf), heading=heading, heading_path=path))
+            # reST has no fixed levels: each adornment style is one level deeper than the styles
+            # seen before it in the document.
+            style = (lines[i + 2 if overlined else i + 1].strip()[:1], bool(overlined))
+            level = styles.setdefault(style, len(styles))
+            buf, heading, path = [found], found, stack.push(level, found)
             headings.append(found)
             title = title or found
             i += 3 if overlined else 2
@@ -415,9 +457,9 @@ def _load_rst(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocument
             continue
         buf.append(line)
         i += 1
-    sections.append(Section("\n".join(buf), heading=heading))
+    sections.append(Section("\n".join(buf), heading=heading, heading_path=path))
     return LoadedDocument(
-        title=title or _first_line_title("\n".join(lines)) or path.stem,
+        title=title or _first_line_title("\n".join(lines)) or file.stem,
         sections=sections,
         file_type="rst",
         metadata={"headings": headings},
@@ -434,6 +476,7 @@ _HTML_CHROME_ROLES = {"navigation", "banner", "contentinfo", "search"}
 # Sphinx/Read the Docs page furniture; "headerlink" is the pilcrow anchor after each heading.
 _HTML_CHROME_CLASSES = {
     "sphinxsidebar", "related", "footer", "headerlink", "skip-link", "rst-footer-buttons",
+    "navheader", "navfooter",  # DocBook's Prev/Up/Next bars (the PostgreSQL manual)
 }  # fmt: skip
 _HTML_BLOCKS = {
     "address", "article", "aside", "blockquote", "caption", "details", "div", "dl", "fieldset",
@@ -522,11 +565,17 @@ def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
     sections: list[Section] = []
     headings: list[str] = []
     buf: list[str] = []
-    state: dict[str, str | None] = {"heading": None, "h1": None}
+    state: dict[str, Any] = {"heading": None, "h1": None, "path": (), "dl": 0, "body": False, "glue": False}
+    stack = _HeadingStack()
 
     def flush() -> None:
-        sections.append(Section("".join(buf), heading=state["heading"]))
+        sections.append(Section("".join(buf), heading=state["heading"], heading_path=state["path"]))
         buf.clear()
+
+    def open_heading(level: float, text: str) -> None:
+        flush()
+        state["heading"], state["path"] = text, stack.push(level, text)
+        state["body"] = False  # no text under this heading yet
 
     # Chrome is skipped while walking (one pass over the tree). Removing it beforehand needed a
     # "was this already removed with an ancestor?" test per tag, and bs4 answers an attribute it
@@ -538,6 +587,10 @@ def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
             if isinstance(child, NavigableString):
                 # Source newlines inside a paragraph are just spaces; <pre> keeps its lines.
                 out.append(str(child) if pre else re.sub(r"\s+", " ", str(child)))
+                if child.strip():
+                    state["glue"] = False
+                    if out is buf:
+                        state["body"] = True
                 continue
             if not isinstance(child, Tag) or _is_html_chrome(child, in_content):
                 continue
@@ -546,13 +599,33 @@ def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
             if name in _HTML_HEADINGS and out is buf:
                 text = inline_text(child, inner)
                 if text:
-                    flush()
-                    state["heading"] = text
+                    # Inside a definition list (an admonition in a parameter's description) a
+                    # heading nests under the entry instead of closing it and its section.
+                    level = int(name[1]) if not state["dl"] else 6.5 + state["dl"]
+                    open_heading(level, text)
                     headings.append(text)
                     if name == "h1" and state["h1"] is None:
                         state["h1"] = text
                     buf.append(text + "\n\n")
                 continue
+            if name == "dl" and out is buf:
+                # A definition list whose terms are anchored entries (<dt id=...>: Sphinx API
+                # signatures, DocBook configuration parameters) is a list of small sections: each
+                # entry's text goes under its own heading, so it is chunked on its own and its
+                # chunks carry the entry's name. The entries end with the list.
+                depth = len(stack)
+                state["dl"] += 1
+                out.append("\n\n")
+                walk(child, out, pre, inner)
+                out.append("\n\n")
+                state["dl"] -= 1
+                if len(stack) > depth:
+                    flush()
+                    state["path"] = stack.pop_to(depth)
+                    state["heading"] = state["path"][-1] if state["path"] else None
+                continue
+            if name == "dt" and out is buf and child.get("id") and (label := entry_label(child, inner)):
+                open_heading(6 + state["dl"], label)
             if name == "br":
                 out.append("\n")
             elif name == "table":
@@ -564,13 +637,35 @@ def _load_html(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
                 # Items start a new line; the enclosing list/table adds the paragraph break
                 # after the last one, so items stay on consecutive lines.
                 out.append("\n")
+                # A description's first paragraph follows its term on the next line instead of
+                # after a paragraph break, so the chunker (which cuts at paragraph breaks first)
+                # keeps "CONCURRENTLY" with what it means: the first block inside <dd> opens with
+                # no break of its own (cleared by the first text).
+                state["glue"] = name == "dd"
                 walk(child, out, pre, inner)
+                state["glue"] = False
             elif name in _HTML_BLOCKS or name in _HTML_HEADINGS:
-                out.append("\n\n")
+                saved = stack.snapshot()
+                if not state["glue"]:
+                    out.append("\n\n")
                 walk(child, out, pre or name == "pre", inner)
                 out.append("\n\n")
+                if stack.snapshot() != saved and state["body"] and out is buf:
+                    # A heading opened inside this element, followed by text, ends with it: a
+                    # <section> of a Sphinx page, a DocBook <div class="sect2">, an admonition's
+                    # "Tip" title. A wrapper holding only its heading (DocBook's titlepage,
+                    # <header><h1>) does not end it: the text after the wrapper belongs to it.
+                    flush()
+                    state["path"] = stack.restore(saved)
+                    state["heading"] = state["path"][-1] if state["path"] else None
             else:
                 walk(child, out, pre, inner)
+
+    def entry_label(dt: Tag, in_content: bool) -> str:
+        """An anchored term's name: its text up to any parameter list ("json.dumps(obj, ...)" ->
+        "json.dumps"), or its anchor id when that is still long."""
+        text = inline_text(dt, in_content).split("(", 1)[0].strip()
+        return text if 0 < len(text) <= 80 else str(dt.get("id"))[:80]
 
     def inline_text(tag: Tag, in_content: bool) -> str:
         """A heading's or table cell's text on one line, rendered like body text."""
@@ -822,6 +917,7 @@ def _load_docx(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
     heading: str | None = None
     first_title: str | None = None
     first_h1: str | None = None
+    stack, path = _HeadingStack(), ()
 
     try:
         for block in document.iter_inner_content():
@@ -834,15 +930,17 @@ def _load_docx(data: bytes, path: Path, options: LoaderOptions) -> LoadedDocumen
             style = (block.style.name if block.style is not None else "") or ""
             is_title = style.strip().lower() in _DOCX_TITLE_STYLES
             if is_title or _DOCX_HEADING.match(style):
-                sections.append(Section("\n\n".join(buf), heading=heading))
-                buf, heading = [], text
+                sections.append(Section("\n\n".join(buf), heading=heading, heading_path=path))
+                digits = re.search(r"\d+", style)
+                level = 0 if is_title else int(digits.group()) if digits else 1
+                buf, heading, path = [], text, stack.push(level, text)
                 headings.append(text)
                 if is_title:
                     first_title = first_title or text
                 elif re.sub(r"\s+", "", style.lower()) in ("heading1", "标题1"):
                     first_h1 = first_h1 or text
             buf.append(text)
-        sections.append(Section("\n\n".join(buf), heading=heading))
+        sections.append(Section("\n\n".join(buf), heading=heading, heading_path=path))
         core_title = (document.core_properties.title or "").strip()
     except Exception as exc:
         raise LoaderError(f"corrupt DOCX: {_short(exc)}") from None

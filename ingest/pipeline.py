@@ -372,7 +372,8 @@ class IngestPipeline:
             parsed.append((item, docs))
         if not parsed:
             return
-        texts = [chunk.text for _, docs in parsed for _, chunks in docs for chunk in chunks]
+        texts = [self.chunker.embedding_text(doc.title, chunk.heading, chunk.text)
+                 for _, docs in parsed for doc, chunks in docs for chunk in chunks]
         vectors = self.embedder.embed_passages(texts)
         items, offset = [], 0
         for _, docs in parsed:
@@ -395,7 +396,8 @@ class IngestPipeline:
             document.title = self.redact(document.title) if document.title else document.title
             for section in document.sections:
                 section.text = self.redact(section.text)
-        return [ChunkInput(c.ordinal, c.text, c.page, c.heading) for c in self.chunker.split(document)]
+        # The stored heading is the section's heading path ("Guide > Install"), shown with results.
+        return [ChunkInput(c.ordinal, c.text, c.page, c.heading_path or c.heading) for c in self.chunker.split(document)]
 
     @staticmethod
     def _fail(report: IngestReport, source: str, exc: BaseException, unexpected: bool = False) -> None:

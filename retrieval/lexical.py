@@ -11,6 +11,12 @@ the reader's permitted rows, and derives N, df and the average length from that 
 
 Rows are appended for new chunks and tombstoned for removed ones; pending rows are merged into the
 term-major matrix when the index is saved (at publish) or first searched, never per query.
+
+Fields: a chunk's heading path ("Title > Section > Entry") is a second field whose terms count
+``field_weight`` times a body occurrence, in the term frequency and in the length (BM25F with one
+shared length normalisation, folded into the stored counts at index time: one matrix, so a query
+costs what it did with one field). The weight is part of the index; an index saved with another
+weight is rebuilt from the rows by the store (tokenizing only, no embedding).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ B = 0.75
 
 
 class LexicalIndex:
-    def __init__(self) -> None:
+    def __init__(self, field_weight: float = 0.0) -> None:
+        self.field_weight = float(field_weight)  # weight of the heading field's terms (0: not indexed)
         self.vocab: dict[str, int] = {}
         self.chunk_ids = np.empty(0, dtype=np.int64)
         self.lengths = np.empty(0, dtype=np.float32)
@@ -44,18 +51,30 @@ class LexicalIndex:
         return self.chunk_ids[self.alive]
 
     # Updates ---------------------------------------------------------------------------------
-    def add(self, chunk_ids: Sequence[int], token_lists: Iterable[list[str]]) -> None:
+    def add(
+        self, chunk_ids: Sequence[int], token_lists: Iterable[list[str]],
+        field_token_lists: Iterable[list[str]] | None = None,
+    ) -> None:
+        """Index chunks: body tokens, and optionally each chunk's heading-field tokens."""
         start = len(self.chunk_ids)
         new_ids, new_lengths = [], []
-        for offset, (chunk_id, tokens) in enumerate(zip(chunk_ids, token_lists)):
+        token_lists = list(token_lists)
+        fields = list(field_token_lists) if field_token_lists is not None else [[]] * len(token_lists)
+        weight = self.field_weight
+        for offset, (chunk_id, tokens, field_tokens) in enumerate(zip(chunk_ids, token_lists, fields)):
             if chunk_id in self._row_of:
                 raise ValueError(f"chunk {chunk_id} is already indexed")
-            counts = Counter(tokens)
+            counts: Counter = Counter(tokens)
+            length = float(len(tokens))
+            if weight and field_tokens:
+                for term in field_tokens:
+                    counts[term] += weight
+                length += weight * len(field_tokens)
             terms = [self.vocab.setdefault(term, len(self.vocab)) for term in counts]
             self._pending.append((start + offset, terms, list(counts.values())))
             self._row_of[int(chunk_id)] = start + offset
             new_ids.append(chunk_id)
-            new_lengths.append(len(tokens))
+            new_lengths.append(length)
         self.chunk_ids = np.concatenate([self.chunk_ids, np.asarray(new_ids, dtype=np.int64)])
         self.lengths = np.concatenate([self.lengths, np.asarray(new_lengths, dtype=np.float32)])
         self.alive = np.concatenate([self.alive, np.ones(len(new_ids), dtype=bool)])
@@ -153,14 +172,16 @@ class LexicalIndex:
             buffer,
             data=self._matrix.data, indices=self._matrix.indices, indptr=self._matrix.indptr,
             shape=np.asarray(self._matrix.shape, dtype=np.int64), chunk_ids=self.chunk_ids, lengths=self.lengths,
-            alive=self.alive, vocab=np.frombuffer(json.dumps(terms, ensure_ascii=False).encode(), dtype=np.uint8),
+            alive=self.alive, field_weight=np.asarray(self.field_weight, dtype=np.float64),
+            vocab=np.frombuffer(json.dumps(terms, ensure_ascii=False).encode(), dtype=np.uint8),
         )
         return buffer.getvalue()
 
     @classmethod
     def deserialize(cls, data: bytes) -> "LexicalIndex":
         arrays = np.load(io.BytesIO(data), allow_pickle=False)
-        index = cls()
+        # Indexes saved before fields existed hold body terms only: weight 0.
+        index = cls(float(arrays["field_weight"]) if "field_weight" in arrays.files else 0.0)
         terms = json.loads(arrays["vocab"].tobytes().decode())
         index.vocab = {term: column for column, term in enumerate(terms)}
         index._matrix = sp.csc_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"]))

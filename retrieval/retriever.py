@@ -11,6 +11,7 @@ ingest, possibly in another process, publishes a newer index version.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from retrieval.vector_index import IdFilter
 from security.principal import Principal
 
 Mode = Literal["hybrid", "dense", "bm25"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class RetrievedChunk:
     source: str
     title: str | None
     page: int | None
-    heading: str | None
+    heading: str | None  # the heading path within the document: "Section > Subsection > Entry"
     text: str
     dense_score: float | None  # cosine similarity, None if not among the dense candidates
     bm25_score: float | None  # BM25 over the reader's permitted chunks, None if no term matched
@@ -83,10 +85,21 @@ class RetrievalConfig:
     # None with a multilingual embedder.
     cjk_bm25_weight: float | None = None
     rrf_k: int = 60
+    fusion: str = "rrf"  # "rrf": reciprocal rank fusion; "score": weighted sum of min-max scaled scores
     candidates: int = 50  # per retriever, before fusion
     mmr_lambda: float | None = None  # e.g. 0.7 for some diversity; None disables MMR
     rerank_top_n: int = 20
     query_cache_size: int = 1024
+    # Reranking by document structure (no model): after fusion, each candidate gains
+    # ``document_weight`` x the fused score of the best other candidate from its document (a
+    # passage of the document the evidence points to beats an isolated match elsewhere), and each
+    # of the ``neighbour_sources`` best candidates passes ``neighbour_weight`` x its fused score
+    # to the chunks just before and after it in its document (the answer is often in the chunk
+    # next to the one that shares the question's words), which may bring those in. 0 turns either
+    # off. Measured in docs/benchmarks.md (Retrieval, ablation): neither helps on all three sets.
+    document_weight: float = 0.0
+    neighbour_weight: float = 0.0
+    neighbour_sources: int = 10  # the top candidates (by fused score) that lend to their neighbours
 
 
 class _Snapshot:
@@ -102,8 +115,15 @@ class _Snapshot:
                 .order_by(DocumentRow.id)
             ).all()
             chunks = session.exec(
-                select(ChunkRow.id, ChunkRow.document_id).where(ChunkRow.kb == kb).order_by(ChunkRow.id)
+                select(ChunkRow.id, ChunkRow.document_id, ChunkRow.ordinal).where(ChunkRow.kb == kb).order_by(ChunkRow.id)
             ).all()
+        self.stale_documents = store.stale_documents(kb)
+        if self.stale_documents:
+            log.warning(
+                "knowledge base %s: %d document(s) were indexed with another chunker or embedder (%s is current); "
+                "their chunks are searched as they are: run `ingest reindex --kb %s` to rebuild them",
+                kb, self.stale_documents, store.index_version, kb,
+            )
         self.doc_ids = np.asarray([d[0] for d in docs], dtype=np.int64)
         self.doc_sources = [d[1] for d in docs]
         self.doc_types = np.asarray([d[2] for d in docs], dtype=object)
@@ -114,6 +134,7 @@ class _Snapshot:
         # Canonical chunk order: sorted ids (the lexical rows and FAISS ids map onto it).
         self.chunk_ids = np.asarray([c[0] for c in chunks], dtype=np.int64)
         self.chunk_doc = np.searchsorted(self.doc_ids, np.asarray([c[1] for c in chunks], dtype=np.int64))
+        self.chunk_ordinal = np.asarray([c[2] for c in chunks], dtype=np.int64)
         self.lexical_pos = self.lexical.row_positions(self.chunk_ids)
         self._masks: OrderedDict[tuple, _Permitted] = OrderedDict()
         self._lock = threading.Lock()
@@ -274,6 +295,8 @@ class Retriever:
             if self.config.cjk_bm25_weight is not None and mostly_cjk(query):
                 weight = self.config.cjk_bm25_weight
             self._fuse(candidates, ids, scores, "bm25", weight)
+        if self.config.document_weight or self.config.neighbour_weight:
+            self._structure_rerank(candidates, snap, permitted)
         ranked = sorted(candidates.values(), key=lambda c: (-c.fused, c.chunk_id))
         pool = ranked[: max(top_k, self.config.rerank_top_n if self.reranker else top_k, want if self.config.mmr_lambda else 0)]
         results = self._materialise(pool, principal)
@@ -284,10 +307,63 @@ class Retriever:
         return results[:top_k], permitted.acl_filtered
 
     def _fuse(self, candidates: dict[int, _Candidate], ids: np.ndarray, scores: np.ndarray, kind: str, weight: float) -> None:
+        if self.config.fusion == "score" and len(scores):
+            # Convex combination of scores scaled to [0, 1] over this list (min-max), so a clear
+            # winner keeps its margin where RRF would give it only 1/(k+1) vs 1/(k+2).
+            values = np.asarray(scores, dtype=np.float64)
+            low, high = float(values.min()), float(values.max())
+            scaled = (values - low) / (high - low) if high > low else np.ones_like(values)
+            for chunk_id, score, value in zip(ids.tolist(), scores.tolist(), scaled.tolist()):
+                candidate = candidates.setdefault(chunk_id, _Candidate(chunk_id))
+                setattr(candidate, kind, float(score))
+                candidate.fused += weight * value
+            return
         for rank, (chunk_id, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1):
             candidate = candidates.setdefault(chunk_id, _Candidate(chunk_id))
             setattr(candidate, kind, float(score))
             candidate.fused += weight / (self.config.rrf_k + rank)
+
+    def _structure_rerank(self, candidates: dict[int, _Candidate], snap: _Snapshot, permitted: "_Permitted") -> None:
+        """Document aggregation and neighbour expansion over the fused candidates (see
+        RetrievalConfig.document_weight / neighbour_weight); neighbours must be permitted too."""
+        ids = np.fromiter(candidates.keys(), dtype=np.int64, count=len(candidates))
+        base = np.fromiter((c.fused for c in candidates.values()), dtype=np.float64, count=len(candidates))
+        pos = np.searchsorted(snap.chunk_ids, ids)
+        pos = np.minimum(pos, len(snap.chunk_ids) - 1)
+        known = snap.chunk_ids[pos] == ids  # a chunk added after the snapshot was loaded is left as it is
+        docs = np.where(known, snap.chunk_doc[pos], -1)
+        if self.config.document_weight:
+            # The best *other* candidate of the document: a sum would favour long documents with
+            # many weak matches (measured: it pushed the right file out of the top 5).
+            best: dict[int, list[float]] = {}
+            for doc, score in zip(docs.tolist(), base.tolist()):
+                if doc >= 0:
+                    top = best.setdefault(doc, [0.0, 0.0])
+                    if score > top[0]:
+                        top[0], top[1] = score, top[0]
+                    elif score > top[1]:
+                        top[1] = score
+            for candidate, doc, score in zip(candidates.values(), docs.tolist(), base.tolist()):
+                if doc >= 0:
+                    top = best[doc]
+                    candidate.fused += self.config.document_weight * (top[1] if score >= top[0] else top[0])
+        if self.config.neighbour_weight:
+            last = len(snap.chunk_ids) - 1
+            # Only the strongest candidates lend to their neighbours: from every candidate, runs of
+            # weakly matching chunks in long pages lifted each other (measured).
+            sources = set(np.argsort(-base, kind="stable")[: self.config.neighbour_sources].tolist())
+            for i, (p, doc, score, ok) in enumerate(zip(pos.tolist(), docs.tolist(), base.tolist(), known.tolist())):
+                if not ok or i not in sources:
+                    continue
+                for q in (p - 1, p + 1):
+                    if not 0 <= q <= last or snap.chunk_doc[q] != doc:
+                        continue
+                    if abs(int(snap.chunk_ordinal[q]) - int(snap.chunk_ordinal[p])) != 1:
+                        continue
+                    if permitted.mask is not None and not permitted.mask[q]:
+                        continue
+                    neighbour = candidates.setdefault(int(snap.chunk_ids[q]), _Candidate(int(snap.chunk_ids[q])))
+                    neighbour.fused += self.config.neighbour_weight * score
 
     def _materialise(self, pool: list[_Candidate], principal: Principal) -> list[RetrievedChunk]:
         readable = self.readable_chunks([c.chunk_id for c in pool], principal)

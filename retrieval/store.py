@@ -26,7 +26,7 @@ from sqlmodel import Session, select
 
 from retrieval.tables import ChunkRow, DocumentRow, IngestRunRow, KnowledgeBaseRow, encode_groups, utcnow
 from retrieval.lexical import LexicalIndex
-from retrieval.text_analysis import tokenize
+from retrieval.text_analysis import chunk_header, tokenize
 from retrieval.vector_index import IndexCorrupted, IndexDirectory, Manifest, VectorIndex
 
 _ID_BATCH = 1000
@@ -91,6 +91,7 @@ class StoredDocument:
     chunk_count: int
     size: int
     ingested_at: object = None
+    index_version: str | None = None
 
 
 @dataclass
@@ -104,6 +105,9 @@ class KnowledgeBaseStats:
     index_vectors: int | None
     generation: int
     index_generation: int | None
+    # Documents whose chunks were made by another chunker/embedder configuration than the running
+    # one (index_version differs, or was not recorded): `ingest reindex --kb` rebuilds them.
+    stale_documents: int = 0
 
 
 def _batched(items: Sequence[int], size: int = _ID_BATCH) -> Iterator[Sequence[int]]:
@@ -115,7 +119,7 @@ def _as_document(row: DocumentRow) -> StoredDocument:
     return StoredDocument(
         id=row.id, kb=row.kb, root=row.root, source=row.source, file_type=row.file_type, title=row.title,
         content_hash=row.content_hash, groups=row.groups, chunk_count=row.chunk_count, size=row.size,
-        ingested_at=row.ingested_at,
+        ingested_at=row.ingested_at, index_version=row.index_version,
     )
 
 
@@ -129,13 +133,21 @@ class KnowledgeBaseStore:
         *,
         approximate_from: int = 50_000,
         nprobe: int = 64,
+        index_version: str | None = None,
+        heading_weight: float = 0.0,
     ):
+        """``index_version`` names what produces the chunks and vectors written through this store
+        (embedder, chunker settings); it is recorded on every document written, and documents with
+        another value are reported stale. ``heading_weight``: BM25 weight of a chunk's heading
+        path (document title > section > ...) relative to its text; 0 leaves headings out."""
         self.engine = engine
         self.index_root = Path(index_root)
         self.embedder_name = embedder_name
         self.dimension = dimension
         self.approximate_from = approximate_from  # switch FAISS to IVF at this many chunks
         self.nprobe = nprobe
+        self.index_version = index_version
+        self.heading_weight = float(heading_weight)
         self._directories: dict[str, IndexDirectory] = {}
 
     # Knowledge bases -------------------------------------------------------------------------
@@ -182,6 +194,25 @@ class KnowledgeBaseStore:
                 )
             return row
 
+    def switch_embedder(self, kb: str) -> bool:
+        """Make ``kb`` a knowledge base of the configured embedder (``ingest reindex`` after an
+        embedder change; never implicit). Its documents stay stale until rebuilt: their old
+        vectors (another model, maybe another width) are left out of the vector index, so until
+        then they are found by BM25 only. True when the embedder changed."""
+        row = self.get_kb(kb)
+        if row.embedder == self.embedder_name and row.dimension == self.dimension:
+            return False
+        with self.directory(kb).writer_lock():
+            with Session(self.engine) as session:
+                session.exec(
+                    sa.update(KnowledgeBaseRow).where(KnowledgeBaseRow.name == kb)
+                    .values(embedder=self.embedder_name, dimension=self.dimension, generation=KnowledgeBaseRow.generation + 1)
+                )
+                session.commit()
+        log.warning("knowledge base %s: embedder %s (%d dims) -> %s (%d dims); documents are rebuilt by reindex",
+                    kb, row.embedder, row.dimension, self.embedder_name, self.dimension)
+        return True
+
     def get_kb(self, kb: str) -> KnowledgeBaseRow:
         with Session(self.engine) as session:
             row = session.get(KnowledgeBaseRow, kb)
@@ -214,7 +245,20 @@ class KnowledgeBaseStore:
             index_version=manifest.version if manifest else None,
             index_vectors=manifest.count if manifest else None,
             generation=row.generation, index_generation=manifest.generation if manifest else None,
+            stale_documents=self.stale_documents(kb),
         )
+
+    def stale_documents(self, kb: str) -> int:
+        """How many documents of ``kb`` were indexed under another index_version than this store's."""
+        if self.index_version is None:
+            return 0
+        with Session(self.engine) as session:
+            return session.exec(
+                select(sa.func.count()).select_from(DocumentRow).where(
+                    DocumentRow.kb == kb,
+                    sa.or_(DocumentRow.index_version.is_(None), DocumentRow.index_version != self.index_version),
+                )
+            ).one()
 
     # Documents and chunks -------------------------------------------------------------------
     def documents(self, kb: str, root: str | None = None) -> list[StoredDocument]:
@@ -224,9 +268,14 @@ class KnowledgeBaseStore:
                 query = query.where(DocumentRow.root == root)
             return [_as_document(row) for row in session.exec(query.order_by(DocumentRow.root, DocumentRow.source))]
 
-    def chunk_ids(self, kb: str) -> np.ndarray:
+    def chunk_ids(self, kb: str, vectors_only: bool = False) -> np.ndarray:
+        """Chunk ids of ``kb``; with ``vectors_only``, those whose stored vector has this store's
+        width (after an embedder switch, not-yet-reindexed chunks hold the old model's vectors)."""
+        query = select(ChunkRow.id).where(ChunkRow.kb == kb)
+        if vectors_only:
+            query = query.where(sa.func.length(ChunkRow.embedding) == 4 * self.dimension)
         with Session(self.engine) as session:
-            ids = session.exec(select(ChunkRow.id).where(ChunkRow.kb == kb)).all()
+            ids = session.exec(query).all()
         return np.asarray(sorted(ids), dtype=np.int64)
 
     def chunks(self, ids: Sequence[int]) -> dict[int, ChunkRow]:
@@ -277,18 +326,36 @@ class KnowledgeBaseStore:
             vectors, lexical, manifest = self.directory(kb).load(self.dimension, self.nprobe)
         except IndexCorrupted as exc:
             raise KnowledgeBaseUnavailable(kb, str(exc)) from exc
-        if manifest is None or manifest.generation != row.generation:
+        lexical, rebuilt = self._lexical_for_weight(lexical)
+        if manifest is None or manifest.generation != row.generation or rebuilt:
             self._reconcile(kb, vectors, lexical)
         return vectors, lexical, manifest
+
+    def _lexical_for_weight(self, lexical: LexicalIndex) -> tuple[LexicalIndex, bool]:
+        """``lexical``, or an empty index to refill from the rows when it was built with another
+        heading weight (the weight is folded into its counts)."""
+        if lexical.field_weight == self.heading_weight:
+            return lexical, False
+        return LexicalIndex(self.heading_weight), True
+
+    def chunk_tokens(self, title: str | None, texts: Sequence[str], headings: Sequence[str | None]) -> tuple[list, list | None]:
+        """BM25 tokens of chunks: (body token lists, heading-field token lists or None)."""
+        body = [tokenize(t) for t in texts]
+        if not self.heading_weight:
+            return body, None
+        return body, [tokenize(chunk_header(title, h)) for h in headings]
 
     def load_index(self, kb: str) -> VectorIndex:
         return self.load_indexes(kb)[0]
 
     def _reconcile(self, kb: str, vectors: VectorIndex, lexical: LexicalIndex) -> bool:
         """Make both indexes hold exactly the chunk rows of ``kb`` (after a crash or a stale load)."""
-        db_ids = self.chunk_ids(kb)
+        all_ids = self.chunk_ids(kb)
         changed = False
         for index in (vectors, lexical):
+            db_ids = all_ids
+            if index is vectors and self.stale_documents(kb):  # maybe vectors of another embedder
+                db_ids = self.chunk_ids(kb, vectors_only=True)
             index_ids = index.ids()
             extra = np.setdiff1d(index_ids, db_ids)
             missing = np.setdiff1d(db_ids, index_ids)
@@ -300,8 +367,13 @@ class KnowledgeBaseStore:
                         rows = session.exec(select(ChunkRow.id, ChunkRow.embedding).where(ChunkRow.id.in_(batch))).all()
                         vectors.add([r[0] for r in rows], _vectors([r[1] for r in rows], self.dimension))
                     else:
-                        rows = session.exec(select(ChunkRow.id, ChunkRow.text).where(ChunkRow.id.in_(batch))).all()
-                        lexical.add([r[0] for r in rows], [tokenize(r[1]) for r in rows])
+                        rows = session.exec(
+                            select(ChunkRow.id, ChunkRow.text, ChunkRow.heading, DocumentRow.title)
+                            .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
+                            .where(ChunkRow.id.in_(batch))
+                        ).all()
+                        fields = [tokenize(chunk_header(r[3], r[2])) for r in rows] if self.heading_weight else None
+                        lexical.add([r[0] for r in rows], [tokenize(r[1]) for r in rows], fields)
             changed = changed or bool(len(extra) or len(missing))
         return changed
 
@@ -315,8 +387,9 @@ class KnowledgeBaseStore:
             except IndexCorrupted as exc:  # rebuilt from the rows below (they hold every vector)
                 log.warning("knowledge base %s: %s; rebuilding its index from the database", kb, exc)
                 vectors, lexical, manifest = VectorIndex(self.dimension, nprobe=self.nprobe), LexicalIndex(), None
+            lexical, rebuilt = self._lexical_for_weight(lexical)
             writer = KnowledgeBaseWriter(self, kb, vectors, lexical, directory, checkpoint_seconds)
-            if self._reconcile(kb, vectors, lexical) or manifest is None:
+            if self._reconcile(kb, vectors, lexical) or manifest is None or rebuilt:
                 writer.dirty = True
             try:
                 yield writer
@@ -388,6 +461,7 @@ class KnowledgeBaseWriter:
                 row.file_type, row.title, row.content_hash = doc.file_type, doc.title, doc.content_hash
                 row.size, row.groups, row.chunk_count, row.ingested_at = doc.size, groups, len(chunks), utcnow()
                 row.modified_at = doc.modified_at
+                row.index_version = self.store.index_version
                 vectors = np.ascontiguousarray(vectors, dtype=np.float32)
                 chunk_rows = [
                     ChunkRow(document_id=row.id, kb=self.kb, ordinal=c.ordinal, text=c.text, page=c.page,
@@ -405,7 +479,12 @@ class KnowledgeBaseWriter:
         self.lexical.remove(removed)
         if added_ids:
             self.index.add(added_ids, np.concatenate(added_vectors))
-            self.lexical.add(added_ids, [tokenize(c.text) for _, chunks, _ in items for c in chunks])
+            bodies, fields = [], []
+            for doc, chunks, _ in items:
+                body, field_tokens = self.store.chunk_tokens(doc.title, [c.text for c in chunks], [c.heading for c in chunks])
+                bodies.extend(body)
+                fields.extend(field_tokens or [])
+            self.lexical.add(added_ids, bodies, fields if self.store.heading_weight else None)
         self.dirty = True
         self.maybe_checkpoint()
         return len(added_ids)

@@ -64,6 +64,11 @@ class DocumentRow(SQLModel, table=True):
     chunk_count: int = 0
     ingested_at: datetime = Field(default_factory=utcnow)
     modified_at: datetime | None = None  # the file's modification time, for date filters
+    # What produced the document's chunks and vectors (embedder, chunker and its settings, see
+    # KnowledgeBaseStore.index_version); null for documents stored before it was recorded. A
+    # document whose value differs from the running configuration is stale: `ingest reindex`
+    # rebuilds it.
+    index_version: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class ChunkRow(SQLModel, table=True):

@@ -72,3 +72,19 @@ def tokenize(text: str) -> list[str]:
         elif piece not in CHINESE_STOPWORDS:
             tokens.append(piece)
     return tokens
+
+
+def chunk_header(title: str | None, heading: str | None) -> str:
+    """The contextual header of a chunk: where it sits in its document, "Title > Section > Sub".
+
+    Embedded in front of the chunk's text and indexed as BM25's heading field, so a passage that
+    never repeats its subject ("Return the Python representation of s") is still found by the
+    function or section it belongs to. The title is left out when the first heading already
+    appears in it (a page's <h1> repeated in its <title>), so the header does not say it twice.
+    """
+    title = " ".join(title.split()) if title else ""
+    heading = heading or ""
+    first = heading.split(" > ", 1)[0]
+    if title and heading and (first in title or title in first):
+        return heading
+    return " > ".join(part for part in (title, heading) if part)

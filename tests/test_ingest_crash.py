@@ -126,7 +126,11 @@ def test_sigkill_then_resume_gives_exact_chunk_set(database_url: str, tmp_path: 
     indexed = np.stack([index.index.reconstruct(int(i)) for i in ids])
     np.testing.assert_allclose(indexed, stored_vectors, atol=1e-6)
     sample = rng.sample(range(len(rows)), 8)
-    fresh = embedder.embed_passages([rows[i][3] for i in sample])
+    # What is embedded is the chunk with its contextual header (title > heading path) in front.
+    with engine.connect() as conn:
+        context = {r[0]: (r[1], r[2]) for r in conn.execute(sa.text(
+            "SELECT c.id, d.title, c.heading FROM kb_chunk c JOIN kb_document d ON d.id = c.document_id")).all()}
+    fresh = embedder.embed_passages([chunker.embedding_text(*context[rows[i][0]], rows[i][3]) for i in sample])
     np.testing.assert_allclose(fresh, stored_vectors[sample], atol=1e-4)
 
     # And a further run finds nothing to do.

@@ -95,6 +95,48 @@ def run(
             console.print(f"[yellow]failed:[/] {failure.source}: {failure.reason}", highlight=False)
         for skipped in report.skipped_files:
             console.print(f"[yellow]skipped:[/] {skipped.source}: {skipped.reason}", highlight=False)
+    _warn_stale(container, kb)
+    if report.failed:
+        sys.exit(1)
+
+
+def _warn_stale(container, kb: str) -> None:
+    """Say so when documents of ``kb`` were chunked/embedded differently from the running config."""
+    stale = container.kb_store.stale_documents(kb)
+    if stale:
+        console.print(
+            f"[yellow]warning:[/] {stale} document(s) of {kb!r} were indexed with another chunker or embedder "
+            f"than the current one ({container.kb_store.index_version}); unchanged files are not rebuilt "
+            f"silently. Run `ingest reindex --kb {kb}` to rebuild them.", highlight=False,
+        )
+
+
+@app.command("reindex")
+@cli_errors
+def reindex_command(
+    ctx: typer.Context,
+    kb: Annotated[str | None, typer.Option("--kb", callback=kb_name, help="Knowledge base (default from config).")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Rebuild every document, not only the stale ones.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
+) -> None:
+    """Re-chunk and re-embed, from their source files, the documents indexed with another chunker or
+    embedder version. Resumable: a killed run keeps what it finished; run it again to go on."""
+    container = ctx.obj.container()
+    kb = kb or container.settings.default_kb
+    progress = RichProgress() if (console.is_terminal and not as_json) else None
+    report = container.documents.reindex(cli_actor(), kb, everything=everything, progress=progress)
+    if as_json:
+        out.print_json(json.dumps(report.as_dict(), ensure_ascii=False))
+    else:
+        out.print(
+            f"[bold]reindex[/] knowledge base [bold]{kb}[/] ({container.kb_store.index_version})\n"
+            f"  documents: {report.updated} rebuilt, {report.failed} failed\n"
+            f"  chunks: {report.chunks} embedded, {report.total_chunks} in the knowledge base\n"
+            f"  time: {report.seconds:.1f} s",
+            highlight=False,
+        )
+        for failure in report.failures:
+            console.print(f"[yellow]failed:[/] {failure.source}: {failure.reason}", highlight=False)
     if report.failed:
         sys.exit(1)
 
@@ -109,10 +151,11 @@ def status(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] 
     if as_json:
         out.print_json(json.dumps({"knowledge_bases": kbs, "runs": runs}, default=str))
         return
-    table = Table("knowledge base", "documents", "chunks", "index version", "indexed vectors", "embedder")
+    table = Table("knowledge base", "documents", "chunks", "index version", "indexed vectors", "embedder", "stale")
     for s in kbs:
         table.add_row(s["name"], str(s["documents"]), str(s["chunks"]), str(s["index_version"] or "-"),
-                      str(s["index_vectors"] if s["index_vectors"] is not None else "-"), s["embedder"])
+                      str(s["index_vectors"] if s["index_vectors"] is not None else "-"), s["embedder"],
+                      str(s["stale_documents"]))
     out.print(table)
     runs_table = Table("run", "kb", "root", "started", "status", "added", "updated", "deleted", "failed")
     for r in runs:

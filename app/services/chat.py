@@ -349,6 +349,7 @@ class ChatService:
         contexts = [h.text for h in hits]
         sources = [
             {"index": i, "chunk_id": h.chunk_id, "source": h.source, "title": h.title, "page": h.page,
+             "heading": h.heading,  # heading path within the document: "Section > Subsection"
              "snippet": h.text[: self.snippet_chars], "text": h.text}
             for i, h in enumerate(hits, start=1)
         ]
@@ -618,14 +619,14 @@ class ChatService:
 
     def _shown(self, stored: dict, chunk) -> dict:
         shown = {"index": stored.get("index"), "chunk_id": None, "source": None, "title": None, "page": None,
-                 "snippet": None, "quote": None, "cited": bool(stored.get("cited")), "withheld": chunk is None}
+                 "heading": None, "snippet": None, "quote": None, "cited": bool(stored.get("cited")), "withheld": chunk is None}
         if chunk is None:
             return shown
         quote = stored.get("quote") or {}
         spans = [{"start": sp["start"], "end": sp["end"]} for sp in quote.get("spans") or []
                  if isinstance(sp, dict) and 0 <= sp.get("start", -1) < sp.get("end", -1) <= len(chunk.text)]
         return {**shown, "chunk_id": chunk.chunk_id, "source": chunk.source, "title": chunk.title, "page": chunk.page,
-                "snippet": chunk.text[: self.snippet_chars],
+                "heading": chunk.heading, "snippet": chunk.text[: self.snippet_chars],
                 "quote": {"text": " … ".join(chunk.text[sp["start"]:sp["end"]] for sp in spans), "spans": spans,
                           "supports_answer": bool(quote.get("supports_answer"))} if spans else None}
 

@@ -40,6 +40,7 @@ class Source(_Open):
     source: str | None = None
     title: str | None = None
     page: int | None = None
+    heading: str | None = None  # the heading path within the document: "Section > Subsection"
     snippet: str | None = None
     quote: Quote | None = None
 

@@ -1,7 +1,7 @@
-"""Knowledge bases and their documents: create and delete knowledge bases, ingest a folder, list and
-remove documents; audited like every change.
+"""Knowledge bases and their documents: create and delete knowledge bases, ingest a folder, reindex,
+list and remove documents; audited like every change.
 
-The CLI (`ingest run`, `ingest remove`) calls this service with the operator as actor; the admin
+The CLI (`ingest run`, `ingest reindex`, `ingest remove`) calls this service with the operator as actor; the admin
 API calls it with the signed-in administrator, so both write the same records.
 """
 
@@ -15,6 +15,7 @@ from app.services.operations import audited
 from app.uploads import Uploads, skipped
 from ingest.loaders import file_type_for
 from ingest.pipeline import IngestPipeline, IngestReport, Progress
+from ingest.reindex import reindex
 from retrieval.store import KnowledgeBaseStore, StoredDocument
 
 
@@ -100,6 +101,16 @@ class DocumentService:
             doc = next(d for d in self.store.documents(kb, str(target.parent)) if d.source == filename)
             op.update(detail=f"file {filename}; document {doc.id}; sha256 {doc.content_hash}; groups {doc.groups}")
         return doc, report
+
+    def reindex(self, actor: Actor, kb: str | None = None, *, everything: bool = False,
+                progress: Progress | None = None) -> IngestReport:
+        """Re-chunk and re-embed the documents of ``kb`` indexed with another chunker/embedder."""
+        kb = kb or self.default_kb
+        with audited(self.audit, actor, "ingest.reindex", knowledge_base=kb,
+                     detail="all documents" if everything else "stale documents") as op:
+            report = reindex(self.pipeline, kb, everything=everything, progress=progress)
+            op.update(detail=f"reindexed {report.updated}, failed {report.failed}, chunks {report.chunks}")
+        return report
 
     def remove(self, actor: Actor, target: str, kb: str | None = None) -> list[StoredDocument]:
         kb = kb or self.default_kb

@@ -32,6 +32,7 @@ class SearchResult(BaseModel):
     source: str
     title: str | None
     page: int | None
+    heading: str | None = None  # where in the document: "Section > Subsection > Entry"
     text: str
     score: float
     dense_score: float | None = None
@@ -50,6 +51,7 @@ async def search(body: SearchRequest, request: Request, c: Container = Depends(c
     found = await run_in_threadpool(c.search_service.search, actor(request), who, query)  # access and audit there
     return SearchResponse(results=[
         SearchResult(chunk_id=h.chunk_id, document_id=h.document_id, source=h.source, title=h.title, page=h.page,
-                     text=h.text, score=h.fused_score, dense_score=h.dense_score, bm25_score=h.bm25_score)
+                     heading=h.heading, text=h.text, score=h.fused_score, dense_score=h.dense_score,
+                     bm25_score=h.bm25_score)
         for h in found.hits
     ])
