@@ -127,7 +127,7 @@ class Container:
         resolved = self.model_store.resolve(cfg.model)
         return Embedder(
             resolved.path, name=cfg.model, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
-            batch_size=cfg.batch_size, device=cfg.device,
+            batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
         )
 
     @cached_property
@@ -140,7 +140,7 @@ class Container:
     def kb_store(self) -> KnowledgeBaseStore:
         cfg = self.settings.retrieval
         return KnowledgeBaseStore(
-            self.engine, self.settings.index_dir, self.embedder.name, self.embedder.dimension,
+            self.engine, self.settings.index_dir, self.embedder.embedder_id, self.embedder.dimension,
             approximate_from=cfg.approximate_from, nprobe=cfg.nprobe,
         )
 

@@ -47,6 +47,10 @@ class EmbeddingSettings(BaseModel):
     # docs/benchmarks.md - for ~11% more CPU time (1,000 files: 794 vs 707 CPU s).
     batch_size: int = Field(16, ge=1)
     device: str = "cpu"
+    # Weights' precision. auto: bfloat16 where the CPU multiplies it natively (AMX or AVX512-BF16:
+    # 3.3x less CPU per passage for MiniLM, cosine >= 0.9999 to float32, retrieval unchanged;
+    # docs/benchmarks.md "Ingestion"), float32 elsewhere (emulated bfloat16 is slower there).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class GenerationSettings(BaseModel):
