@@ -127,7 +127,7 @@ class Container:
         resolved = self.model_store.resolve(cfg.model)
         return Embedder(
             resolved.path, name=cfg.model, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
-            batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
+            batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads,
         )
 
     @cached_property

@@ -51,6 +51,8 @@ class EmbeddingSettings(BaseModel):
     # 3.3x less CPU per passage for MiniLM, cosine >= 0.9999 to float32, retrieval unchanged;
     # docs/benchmarks.md "Ingestion"), float32 elsewhere (emulated bfloat16 is slower there).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # torch intra-op threads, set when the embedder loads (process-wide); null: torch's default.
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads for embedding; null: torch default")
 
 
 class GenerationSettings(BaseModel):

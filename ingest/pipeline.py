@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -152,6 +153,55 @@ def walk_files(root: Path) -> Iterator[Path]:
                 yield Path(folder) / name
 
 
+def _texts(parsed) -> list[str]:
+    return [chunk.text for _, docs in parsed for _, chunks in docs for chunk in chunks]
+
+
+class _Overlap:
+    """Embeds one parsed batch in a background thread while the caller parses the next one.
+
+    Parsing (HTML, PDF, Office: mostly Python, holding the GIL) and embedding (torch, which releases
+    the GIL in its kernels) then use the two cores at once instead of taking turns. At most one
+    batch is being embedded and one waits parsed, so memory stays bounded by two batches. Storing
+    stays in the calling thread (the one holding the knowledge base's writer), in batch order:
+    ``submit`` stores the previous batch once its vectors are there, ``drain`` the last one.
+    """
+
+    def __init__(self, embedder: Embedder, store: Callable[[list, object], None]):
+        self.embedder = embedder
+        self.store = store
+        self.pending: tuple[list, Future] | None = None
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "_Overlap":
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-embed")
+        return self
+
+    def submit(self, parsed: list) -> None:
+        if not parsed:
+            return
+        assert self.pool is not None
+        future = self.pool.submit(self.embedder.embed_passages, _texts(parsed))
+        self._store_pending()
+        self.pending = (parsed, future)
+
+    def drain(self) -> None:
+        self._store_pending()
+
+    def _store_pending(self) -> None:
+        if self.pending is not None:
+            parsed, future = self.pending
+            self.pending = None
+            self.store(parsed, future.result())
+
+    def __exit__(self, *exc) -> None:
+        # On an error the batch being embedded is dropped (nothing of it was stored); wait for the
+        # thread so that no embedding runs on after the run has ended.
+        self.pending = None
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class IngestPipeline:
     def __init__(
         self,
@@ -221,7 +271,12 @@ class IngestPipeline:
         self, files: list[Path], root: Path, kb: str, acl: AclResolver, report: IngestReport,
         delete_missing: bool, progress: Progress,
     ) -> None:
-        with self.store.writer(kb, self.checkpoint_seconds) as writer:
+        stored_hash: dict[str, str] = {}  # message source -> hash of the version stored now
+        stored_sources: set[str] = set()  # every document source this run stored
+        with self.store.writer(kb, self.checkpoint_seconds) as writer, _Overlap(
+            self.embedder, lambda parsed, vectors: self._store(parsed, vectors, writer, report, progress,
+                                                               (stored_hash, stored_sources))
+        ) as overlap:
             existing: dict[str, StoredDocument] = {}
             attachments_of: dict[str, list[StoredDocument]] = {}
             for doc in self.store.documents(kb, root=str(root)):
@@ -229,8 +284,6 @@ class IngestPipeline:
                 if (parent := attachment_parent(doc.source)) is not None:
                     attachments_of.setdefault(parent, []).append(doc)
             seen: set[str] = set()
-            stored_hash: dict[str, str] = {}  # message source -> hash of the version stored now
-            stored_sources: set[str] = set()  # every document source this run stored
             ocr_queue: list[_Pending] = []
             progress.start(len(files))
             batch: list[_Pending] = []
@@ -265,13 +318,14 @@ class IngestPipeline:
                     continue
                 batch.append(pending)
                 if len(batch) >= self.batch_files:
-                    self._process(batch, writer, report, progress, (stored_hash, stored_sources), ocr_queue)
+                    overlap.submit(self._parse(batch, report, progress, ocr_queue))
                     batch = []
-            self._process(batch, writer, report, progress, (stored_hash, stored_sources), ocr_queue)
+            overlap.submit(self._parse(batch, report, progress, ocr_queue))
             # OCR last, one file per transaction: everything else of the run is already stored,
             # and a crash loses at most the file being read.
             for pending in ocr_queue:
-                self._process([pending], writer, report, progress, (stored_hash, stored_sources), None)
+                overlap.submit(self._parse([pending], report, progress, None))
+            overlap.drain()
             _note(progress, "")
             writer.regroup(regroups)
             gone = []
@@ -306,14 +360,13 @@ class IngestPipeline:
             self._fail(report, source, exc)
             return None
 
-    def _process(
-        self, batch: list[_Pending], writer: KnowledgeBaseWriter, report: IngestReport, progress: Progress,
-        stored: tuple[dict[str, str], set[str]], ocr_queue: list[_Pending] | None,
-    ) -> None:
-        """Load, chunk, embed and store ``batch`` in one transaction. With ``ocr_queue``, files
-        that need OCR are put there instead of being read; without it, OCR runs now."""
+    def _parse(
+        self, batch: list[_Pending], report: IngestReport, progress: Progress, ocr_queue: list[_Pending] | None,
+    ) -> list[tuple[_Pending, list[tuple[DocumentInput, list[ChunkInput]]]]]:
+        """Load and chunk ``batch`` (embedded and stored in one transaction by :meth:`_store`). With
+        ``ocr_queue``, files that need OCR are put there instead of being read; without it, OCR runs now."""
         if not batch:
-            return
+            return []
         parsed: list[tuple[_Pending, list[tuple[DocumentInput, list[ChunkInput]]]]] = []
         for item in batch:
             if ocr_queue is None:
@@ -370,10 +423,13 @@ class IngestPipeline:
                 progress.advance(files=1)
                 continue
             parsed.append((item, docs))
-        if not parsed:
-            return
-        texts = [chunk.text for _, docs in parsed for _, chunks in docs for chunk in chunks]
-        vectors = self.embedder.embed_passages(texts)
+        return parsed
+
+    def _store(
+        self, parsed: list[tuple[_Pending, list[tuple[DocumentInput, list[ChunkInput]]]]], vectors,
+        writer: KnowledgeBaseWriter, report: IngestReport, progress: Progress, stored: tuple[dict[str, str], set[str]],
+    ) -> None:
+        """Store one parsed batch with its vectors in one transaction."""
         items, offset = [], 0
         for _, docs in parsed:
             for doc, chunks in docs:
