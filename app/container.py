@@ -127,7 +127,7 @@ class Container:
         resolved = self.model_store.resolve(cfg.model)
         return Embedder(
             resolved.path, name=cfg.model, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
-            batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads,
+            batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
         )
 
     @cached_property
@@ -154,6 +154,7 @@ class Container:
         return IngestPipeline(
             self.kb_store, self.embedder, self.chunker, default_groups=cfg.default_groups,
             batch_files=cfg.batch_files, checkpoint_seconds=cfg.checkpoint_seconds,
+            embed_threads=self.settings.embedding.ingest_threads,
             max_file_bytes=int(cfg.max_file_mb * 1024 * 1024), on_report=metrics.observe_ingest,
             redact=self.pii.redact if cfg.redact_pii else None,
             loader_options=LoaderOptions(

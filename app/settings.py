@@ -51,8 +51,10 @@ class EmbeddingSettings(BaseModel):
     # 3.3x less CPU per passage for MiniLM, cosine >= 0.9999 to float32, retrieval unchanged;
     # docs/benchmarks.md "Ingestion"), float32 elsewhere (emulated bfloat16 is slower there).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # torch intra-op threads, set when the embedder loads (process-wide); null: torch's default.
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads for embedding; null: torch default")
+    # torch intra-op threads while an ingest runs (restored afterwards). Parsing runs beside the
+    # embedding, so one embedding thread leaves the other core to it: on the 2-core host the same 60
+    # pages took 23 s with 1 thread and 78 s with torch's default 2 (docs/benchmarks.md).
+    ingest_threads: int | None = Field(1, ge=1, description="torch threads while ingesting; null: torch default")
 
 
 class GenerationSettings(BaseModel):

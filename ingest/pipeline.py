@@ -167,14 +167,21 @@ class _Overlap:
     ``submit`` stores the previous batch once its vectors are there, ``drain`` the last one.
     """
 
-    def __init__(self, embedder: Embedder, store: Callable[[list, object], None]):
+    def __init__(self, embedder: Embedder, store: Callable[[list, object], None], threads: int | None = None):
         self.embedder = embedder
         self.store = store
+        self.threads = threads
+        self.saved_threads: int | None = None
         self.pending: tuple[list, Future] | None = None
         self.pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> "_Overlap":
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-embed")
+        if self.threads is not None:
+            import torch  # the embedder's: torch's thread count is process-wide, restored on exit
+
+            self.saved_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
         return self
 
     def submit(self, parsed: list) -> None:
@@ -200,6 +207,10 @@ class _Overlap:
         self.pending = None
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.saved_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.saved_threads)
 
 
 class IngestPipeline:
@@ -216,6 +227,7 @@ class IngestPipeline:
         on_report: Callable[[IngestReport, str], None] | None = None,
         redact: Callable[[str], str] | None = None,
         loader_options: LoaderOptions | None = None,
+        embed_threads: int | None = None,
     ):
         """``on_report(report, status)`` is called at the end of every run, status "finished" or
         "failed" (the service records metrics from it; it must not raise)."""
@@ -229,6 +241,8 @@ class IngestPipeline:
         self.max_file_bytes = max_file_bytes
         self.redact = redact  # e.g. PII redaction, applied to the text before chunking
         self.loader_options = loader_options or LoaderOptions()
+        # torch threads while a run embeds (parsing takes another core meanwhile); None: unchanged.
+        self.embed_threads = embed_threads
 
     def run(
         self,
@@ -275,7 +289,8 @@ class IngestPipeline:
         stored_sources: set[str] = set()  # every document source this run stored
         with self.store.writer(kb, self.checkpoint_seconds) as writer, _Overlap(
             self.embedder, lambda parsed, vectors: self._store(parsed, vectors, writer, report, progress,
-                                                               (stored_hash, stored_sources))
+                                                               (stored_hash, stored_sources)),
+            self.embed_threads,
         ) as overlap:
             existing: dict[str, StoredDocument] = {}
             attachments_of: dict[str, list[StoredDocument]] = {}

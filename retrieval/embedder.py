@@ -52,7 +52,6 @@ class Embedder:
         batch_size: int = 16,
         device: str = "cpu",
         dtype: str = "float32",
-        threads: int | None = None,
     ):
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -61,7 +60,6 @@ class Embedder:
         self.batch_size = batch_size
         self.device = device
         self.dtype = resolve_dtype(dtype, device)
-        self.threads = threads  # torch intra-op threads, set when the model loads (process-wide)
         self._model = None
         self._dimension: int | None = None
 
@@ -70,10 +68,6 @@ class Embedder:
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
-            if self.threads is not None:
-                import torch
-
-                torch.set_num_threads(self.threads)
             kwargs = {}
             if self.dtype == "bfloat16":
                 import torch
