@@ -154,7 +154,7 @@ class Container:
         return IngestPipeline(
             self.kb_store, self.embedder, self.chunker, default_groups=cfg.default_groups,
             batch_files=cfg.batch_files, checkpoint_seconds=cfg.checkpoint_seconds,
-            embed_threads=self.settings.embedding.ingest_threads,
+            embed_threads=self.settings.embedding.ingest_threads, embed_workers=self.settings.embedding.ingest_workers,
             max_file_bytes=int(cfg.max_file_mb * 1024 * 1024), on_report=metrics.observe_ingest,
             redact=self.pii.redact if cfg.redact_pii else None,
             loader_options=LoaderOptions(

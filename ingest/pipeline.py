@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from ingest.acl import ACL_FILE, AclResolver
 from ingest.chunking import Chunker
 from ingest.loaders import (
@@ -158,25 +160,28 @@ def _texts(parsed) -> list[str]:
 
 
 class _Overlap:
-    """Embeds one parsed batch in a background thread while the caller parses the next one.
+    """Embeds one parsed batch in background threads while the caller parses the next one.
 
     Parsing (HTML, PDF, Office: mostly Python, holding the GIL) and embedding (torch, which releases
-    the GIL in its kernels) then use the two cores at once instead of taking turns. At most one
-    batch is being embedded and one waits parsed, so memory stays bounded by two batches. Storing
-    stays in the calling thread (the one holding the knowledge base's writer), in batch order:
-    ``submit`` stores the previous batch once its vectors are there, ``drain`` the last one.
+    the GIL in its kernels) then use the cores at once instead of taking turns. With ``workers`` > 1
+    a batch's texts are split (interleaved by length, so the parts cost alike) over that many
+    embedders, each its own model copy on its own thread with ``threads`` torch threads: on 2 cores
+    two single-threaded forward passes did more than one pass on 2 threads (docs/benchmarks.md).
+    At most one batch is being embedded and one waits parsed, so memory stays bounded by two
+    batches. Storing stays in the calling thread (the one holding the knowledge base's writer), in
+    batch order: ``submit`` stores the previous batch once its vectors are there, ``drain`` the last.
     """
 
-    def __init__(self, embedder: Embedder, store: Callable[[list, object], None], threads: int | None = None):
-        self.embedder = embedder
+    def __init__(self, embedders: list[Embedder], store: Callable[[list, object], None], threads: int | None = None):
+        self.embedders = embedders
         self.store = store
         self.threads = threads
         self.saved_threads: int | None = None
-        self.pending: tuple[list, Future] | None = None
+        self.pending: tuple[list, list[tuple[list[int], Future]]] | None = None
         self.pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> "_Overlap":
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-embed")
+        self.pool = ThreadPoolExecutor(max_workers=len(self.embedders), thread_name_prefix="ingest-embed")
         if self.threads is not None:
             import torch  # the embedder's: torch's thread count is process-wide, restored on exit
 
@@ -188,22 +193,30 @@ class _Overlap:
         if not parsed:
             return
         assert self.pool is not None
-        future = self.pool.submit(self.embedder.embed_passages, _texts(parsed))
+        texts = _texts(parsed)
+        by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        parts = [by_length[k :: len(self.embedders)] for k in range(len(self.embedders))]
+        futures = [(part, self.pool.submit(embedder.embed_passages, [texts[i] for i in part]))
+                   for part, embedder in zip(parts, self.embedders) if part]
         self._store_pending()
-        self.pending = (parsed, future)
+        self.pending = (parsed, futures)
 
     def drain(self) -> None:
         self._store_pending()
 
     def _store_pending(self) -> None:
         if self.pending is not None:
-            parsed, future = self.pending
+            parsed, futures = self.pending
             self.pending = None
-            self.store(parsed, future.result())
+            results = [(part, future.result()) for part, future in futures]
+            vectors = np.empty((sum(len(part) for part, _ in results), results[0][1].shape[1]), dtype=np.float32)
+            for part, part_vectors in results:
+                vectors[part] = part_vectors
+            self.store(parsed, vectors)
 
     def __exit__(self, *exc) -> None:
         # On an error the batch being embedded is dropped (nothing of it was stored); wait for the
-        # thread so that no embedding runs on after the run has ended.
+        # threads so that no embedding runs on after the run has ended.
         self.pending = None
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
@@ -228,6 +241,7 @@ class IngestPipeline:
         redact: Callable[[str], str] | None = None,
         loader_options: LoaderOptions | None = None,
         embed_threads: int | None = None,
+        embed_workers: int = 1,
     ):
         """``on_report(report, status)`` is called at the end of every run, status "finished" or
         "failed" (the service records metrics from it; it must not raise)."""
@@ -243,6 +257,9 @@ class IngestPipeline:
         self.loader_options = loader_options or LoaderOptions()
         # torch threads while a run embeds (parsing takes another core meanwhile); None: unchanged.
         self.embed_threads = embed_threads
+        # Embedding threads, each with its own copy of the model (loaded on the first run).
+        self.embed_workers = embed_workers
+        self._replicas: list[Embedder] = []
 
     def run(
         self,
@@ -288,7 +305,7 @@ class IngestPipeline:
         stored_hash: dict[str, str] = {}  # message source -> hash of the version stored now
         stored_sources: set[str] = set()  # every document source this run stored
         with self.store.writer(kb, self.checkpoint_seconds) as writer, _Overlap(
-            self.embedder, lambda parsed, vectors: self._store(parsed, vectors, writer, report, progress,
+            self._embedders(), lambda parsed, vectors: self._store(parsed, vectors, writer, report, progress,
                                                                (stored_hash, stored_sources)),
             self.embed_threads,
         ) as overlap:
@@ -362,6 +379,11 @@ class IngestPipeline:
                 writer.delete_documents([doc.id for doc in gone])
                 report.deleted = sum(1 for doc in gone if attachment_parent(doc.source) is None)
             report.total_chunks = len(writer.index)
+
+    def _embedders(self) -> list[Embedder]:
+        while len(self._replicas) < self.embed_workers - 1:
+            self._replicas.append(self.embedder.replica())
+        return [self.embedder, *self._replicas]
 
     def _inspect(
         self, file: Path, source: str, acl: AclResolver, existing: StoredDocument | None, report: IngestReport

@@ -76,6 +76,12 @@ class Embedder:
             self._model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True, **kwargs)
         return self._model
 
+    def replica(self) -> "Embedder":
+        """The same embedder with a model copy of its own (loaded lazily): for a second thread."""
+        return Embedder(self.model_path, name=self.name, query_prefix=self.query_prefix,
+                        passage_prefix=self.passage_prefix, batch_size=self.batch_size, device=self.device,
+                        dtype=self.dtype)
+
     @property
     def embedder_id(self) -> str:
         """What a knowledge base records as the embedder its vectors came from (checked on every
