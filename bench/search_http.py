@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="enclave-bench-search-"))
     env = {**os.environ, "ENCLAVE_DATA_DIR": str(work / "var"), "ENCLAVE_MODELS_DIR": str(args.models_dir),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           # The per-key limit (300/min by default) would turn the run into 429s; raised, not off,
+           # so that the limiter's cost is still paid on every request.
+           "ENCLAVE_SECURITY__RATE_LIMIT_PER_MINUTE": "1000000", "ENCLAVE_SECURITY__RATE_LIMIT_BURST": "100000"}
     for name in ("ENCLAVE_CONFIG", "ENCLAVE_DATABASE_URL"):
         env.pop(name, None)
     os.environ.update({k: env[k] for k in ("ENCLAVE_DATA_DIR", "ENCLAVE_MODELS_DIR", "HF_HUB_OFFLINE")})

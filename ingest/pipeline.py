@@ -193,6 +193,10 @@ class _Overlap:
         if not parsed:
             return
         assert self.pool is not None
+        # Load every model copy here, before any of them runs: loading switches torch's default
+        # dtype for a moment, which must not happen under another worker's forward pass.
+        for embedder in self.embedders:
+            embedder.model
         texts = _texts(parsed)
         by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         parts = [by_length[k :: len(self.embedders)] for k in range(len(self.embedders))]

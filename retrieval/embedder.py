@@ -10,11 +10,15 @@ float32 vectors (docs/benchmarks.md, "Ingestion"). Elsewhere bfloat16 is emulate
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 
 DTYPES = ("auto", "float32", "bfloat16")
+# Loading a model with a dtype switches torch's process-wide default dtype for a moment: two threads
+# loading at once (the ingest's embedding workers) could build a model of mixed dtypes. One at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 def native_bfloat16(device: str = "cpu") -> bool:
@@ -66,15 +70,20 @@ class Embedder:
     @property
     def model(self):
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
-
-            kwargs = {}
-            if self.dtype == "bfloat16":
-                import torch
-
-                kwargs["model_kwargs"] = {"dtype": torch.bfloat16}
-            self._model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True, **kwargs)
+            with _LOAD_LOCK:
+                if self._model is None:
+                    self._model = self._load()
         return self._model
+
+    def _load(self):
+        from sentence_transformers import SentenceTransformer
+
+        kwargs = {}
+        if self.dtype == "bfloat16":
+            import torch
+
+            kwargs["model_kwargs"] = {"dtype": torch.bfloat16}
+        return SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True, **kwargs)
 
     def replica(self) -> "Embedder":
         """The same embedder with a model copy of its own (loaded lazily): for a second thread."""
