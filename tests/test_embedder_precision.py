@@ -46,3 +46,39 @@ def test_container_builds_the_configured_precision(tmp_path, models_dir):
     assert container.embedder.dtype == "bfloat16"
     assert container.kb_store.embedder_name == container.embedder.embedder_id
     assert Container(Settings(data_dir=tmp_path, models_dir=models_dir)).embedder.dtype == resolve_dtype("auto")
+
+
+def test_two_embedding_workers_store_the_same_vectors(database_url, tmp_path, embedder: Embedder):
+    """ingest_workers=2 splits each batch over two model copies: same chunks, same vectors, in
+    order, and torch's thread count is restored after the run."""
+    import shutil
+
+    import torch
+    from sqlmodel import Session, select
+
+    from app.db import make_engine
+    from ingest.chunking import Chunker
+    from ingest.pipeline import IngestPipeline
+    from retrieval.store import KnowledgeBaseStore
+    from retrieval.tables import ChunkRow
+    from tests.conftest import SAMPLES
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(SAMPLES, corpus)
+    engine = make_engine(database_url)
+    vectors = {}
+    threads = torch.get_num_threads()
+    for workers in (1, 2):
+        store = KnowledgeBaseStore(engine, tmp_path / f"indexes{workers}", embedder.embedder_id, embedder.dimension)
+        pipeline = IngestPipeline(store, embedder, Chunker(400, 80), default_groups=["everyone"], batch_files=2,
+                                  embed_threads=1, embed_workers=workers)
+        kb = f"workers{workers}"
+        report = pipeline.run(corpus, kb)
+        assert report.failed == 0 and report.chunks > 4
+        assert torch.get_num_threads() == threads
+        with Session(engine) as session:
+            rows = session.exec(select(ChunkRow.text, ChunkRow.embedding).where(ChunkRow.kb == kb)).all()
+        vectors[workers] = {text: np.frombuffer(emb, dtype=np.float32) for text, emb in rows}
+    assert vectors[1].keys() == vectors[2].keys()
+    for text, vector in vectors[1].items():
+        assert float(vector @ vectors[2][text]) > 0.9999
