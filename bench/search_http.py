@@ -32,7 +32,6 @@ import asyncio
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
