@@ -128,7 +128,7 @@ class Container:
         resolved = self.model_store.resolve(cfg.model)
         return Embedder(
             resolved.path, name=cfg.model, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
-            batch_size=cfg.batch_size, device=cfg.device,
+            batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
         )
 
     @cached_property
@@ -141,7 +141,7 @@ class Container:
     def kb_store(self) -> KnowledgeBaseStore:
         cfg = self.settings.retrieval
         return KnowledgeBaseStore(
-            self.engine, self.settings.index_dir, self.embedder.name, self.embedder.dimension,
+            self.engine, self.settings.index_dir, self.embedder.embedder_id, self.embedder.dimension,
             approximate_from=cfg.approximate_from, nprobe=cfg.nprobe,
             index_version=f"{self.embedder.name}|{self.chunker.version}", heading_weight=cfg.heading_weight,
         )
@@ -157,6 +157,7 @@ class Container:
         return IngestPipeline(
             self.kb_store, self.embedder, self.chunker, default_groups=cfg.default_groups,
             batch_files=cfg.batch_files, checkpoint_seconds=cfg.checkpoint_seconds,
+            embed_threads=self.settings.embedding.ingest_threads, embed_workers=self.settings.embedding.ingest_workers,
             max_file_bytes=int(cfg.max_file_mb * 1024 * 1024), on_report=metrics.observe_ingest,
             redact=self.pii.redact if cfg.redact_pii else None,
             loader_options=LoaderOptions(

@@ -47,6 +47,17 @@ class EmbeddingSettings(BaseModel):
     # docs/benchmarks.md - for ~11% more CPU time (1,000 files: 794 vs 707 CPU s).
     batch_size: int = Field(16, ge=1)
     device: str = "cpu"
+    # Weights' precision. auto: bfloat16 where the CPU multiplies it natively (AMX or AVX512-BF16:
+    # 3.3x less CPU per passage for MiniLM, cosine >= 0.9999 to float32, retrieval unchanged;
+    # docs/benchmarks.md "Ingestion"), float32 elsewhere (emulated bfloat16 is slower there).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # torch intra-op threads while an ingest runs (restored afterwards). Parsing runs beside the
+    # embedding, so one embedding thread leaves the other core to it: on the 2-core host the same 60
+    # pages took 23 s with 1 thread and 78 s with torch's default 2 (docs/benchmarks.md).
+    ingest_threads: int | None = Field(1, ge=1, description="torch threads while ingesting; null: torch default")
+    # Embedding threads while ingesting, each with its own model copy (+45 MiB in bfloat16) and
+    # ingest_threads torch threads; a batch's passages are split between them.
+    ingest_workers: int = Field(2, ge=1, description="parallel embedding workers while ingesting")
 
 
 class GenerationSettings(BaseModel):

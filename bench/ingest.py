@@ -37,7 +37,7 @@ Usage::
     .venv/bin/python bench/ingest.py --files 50            # quick try
     .venv/bin/python bench/ingest.py --corpus /some/html --json
 
-Targets (printed as PASS/FAIL): Enclave full-ingest throughput (files/s) >= LangChain's;
+Targets (printed as PASS/FAIL): Enclave full-ingest throughput (files/s) >= 2x LangChain's;
 re-run >= 20x faster than the full ingest; Enclave peak RSS < 1.5 GiB on a >= 1,000-file corpus.
 """
 
@@ -67,6 +67,7 @@ APT_HINT = ("apt-get update && apt-get install -y gimp-help-zh-cn && mkdir -p /v
             "libreoffice-help-zh-cn_*.deb libreoffice-help-zh-cn")
 CHUNK_SIZE, CHUNK_OVERLAP = 750, 150
 RERUN_TARGET = 20.0
+SPEEDUP_TARGET = 2.0  # full-ingest files/s against LangChain's, same files, same model, one run
 RSS_TARGET_MIB = 1536.0  # 1.5 GiB
 RSS_TARGET_FILES = 1000
 
@@ -336,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         targets = []
         if lc is not None:
             targets.append({
-                "target": "Enclave full-ingest files/s >= LangChain files/s",
+                "target": f"Enclave full-ingest files/s >= {SPEEDUP_TARGET:g}x LangChain files/s (issue 14)",
                 "value": f"{full.files_per_s:.3f} vs {lc.files_per_s:.3f} files/s ({full.files_per_s / lc.files_per_s:.2f}x)",
-                "pass": full.files_per_s >= lc.files_per_s,
+                "pass": full.files_per_s >= SPEEDUP_TARGET * lc.files_per_s,
             })
         targets.append({"target": f"re-run >= {RERUN_TARGET:.0f}x faster than full ingest",
                         "value": f"{ratio:.1f}x ({full.seconds:.1f} s / {rerun.seconds:.2f} s)",

@@ -20,11 +20,14 @@ from __future__ import annotations
 import os
 import stat
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from ingest.acl import ACL_FILE, AclResolver
 from ingest.chunking import Chunker
@@ -152,6 +155,79 @@ def walk_files(root: Path) -> Iterator[Path]:
                 yield Path(folder) / name
 
 
+class _Overlap:
+    """Embeds one parsed batch in background threads while the caller parses the next one.
+
+    Parsing (HTML, PDF, Office: mostly Python, holding the GIL) and embedding (torch, which releases
+    the GIL in its kernels) then use the cores at once instead of taking turns. With ``workers`` > 1
+    a batch's texts are split (interleaved by length, so the parts cost alike) over that many
+    embedders, each its own model copy on its own thread with ``threads`` torch threads: on 2 cores
+    two single-threaded forward passes did more than one pass on 2 threads (docs/benchmarks.md).
+    At most one batch is being embedded and one waits parsed, so memory stays bounded by two
+    batches. Storing stays in the calling thread (the one holding the knowledge base's writer), in
+    batch order: ``submit`` stores the previous batch once its vectors are there, ``drain`` the last.
+    """
+
+    def __init__(self, embedders: list[Embedder], store: Callable[[list, object], None], threads: int | None = None,
+                 texts: Callable[[list], list[str]] = lambda parsed: []):
+        self.embedders = embedders
+        self.store = store
+        self.texts = texts  # what is embedded for each chunk of a parsed batch
+        self.threads = threads
+        self.saved_threads: int | None = None
+        self.pending: tuple[list, list[tuple[list[int], Future]]] | None = None
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "_Overlap":
+        self.pool = ThreadPoolExecutor(max_workers=len(self.embedders), thread_name_prefix="ingest-embed")
+        if self.threads is not None:
+            import torch  # the embedder's: torch's thread count is process-wide, restored on exit
+
+            self.saved_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+        return self
+
+    def submit(self, parsed: list) -> None:
+        if not parsed:
+            return
+        assert self.pool is not None
+        # Load every model copy here, before any of them runs: loading switches torch's default
+        # dtype for a moment, which must not happen under another worker's forward pass.
+        for embedder in self.embedders:
+            embedder.model
+        texts = self.texts(parsed)
+        by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        parts = [by_length[k :: len(self.embedders)] for k in range(len(self.embedders))]
+        futures = [(part, self.pool.submit(embedder.embed_passages, [texts[i] for i in part]))
+                   for part, embedder in zip(parts, self.embedders) if part]
+        self._store_pending()
+        self.pending = (parsed, futures)
+
+    def drain(self) -> None:
+        self._store_pending()
+
+    def _store_pending(self) -> None:
+        if self.pending is not None:
+            parsed, futures = self.pending
+            self.pending = None
+            results = [(part, future.result()) for part, future in futures]
+            vectors = np.empty((sum(len(part) for part, _ in results), results[0][1].shape[1]), dtype=np.float32)
+            for part, part_vectors in results:
+                vectors[part] = part_vectors
+            self.store(parsed, vectors)
+
+    def __exit__(self, *exc) -> None:
+        # On an error the batch being embedded is dropped (nothing of it was stored); wait for the
+        # threads so that no embedding runs on after the run has ended.
+        self.pending = None
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.saved_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.saved_threads)
+
+
 class IngestPipeline:
     def __init__(
         self,
@@ -166,6 +242,8 @@ class IngestPipeline:
         on_report: Callable[[IngestReport, str], None] | None = None,
         redact: Callable[[str], str] | None = None,
         loader_options: LoaderOptions | None = None,
+        embed_threads: int | None = None,
+        embed_workers: int = 1,
     ):
         """``on_report(report, status)`` is called at the end of every run, status "finished" or
         "failed" (the service records metrics from it; it must not raise)."""
@@ -179,6 +257,11 @@ class IngestPipeline:
         self.max_file_bytes = max_file_bytes
         self.redact = redact  # e.g. PII redaction, applied to the text before chunking
         self.loader_options = loader_options or LoaderOptions()
+        # torch threads while a run embeds (parsing takes another core meanwhile); None: unchanged.
+        self.embed_threads = embed_threads
+        # Embedding threads, each with its own copy of the model (loaded on the first run).
+        self.embed_workers = embed_workers
+        self._replicas: list[Embedder] = []
 
     def run(
         self,
@@ -221,7 +304,13 @@ class IngestPipeline:
         self, files: list[Path], root: Path, kb: str, acl: AclResolver, report: IngestReport,
         delete_missing: bool, progress: Progress,
     ) -> None:
-        with self.store.writer(kb, self.checkpoint_seconds) as writer:
+        stored_hash: dict[str, str] = {}  # message source -> hash of the version stored now
+        stored_sources: set[str] = set()  # every document source this run stored
+        with self.store.writer(kb, self.checkpoint_seconds) as writer, _Overlap(
+            self._embedders(), lambda parsed, vectors: self._store(parsed, vectors, writer, report, progress,
+                                                               (stored_hash, stored_sources)),
+            self.embed_threads, self._embedding_texts,
+        ) as overlap:
             existing: dict[str, StoredDocument] = {}
             attachments_of: dict[str, list[StoredDocument]] = {}
             for doc in self.store.documents(kb, root=str(root)):
@@ -229,8 +318,6 @@ class IngestPipeline:
                 if (parent := attachment_parent(doc.source)) is not None:
                     attachments_of.setdefault(parent, []).append(doc)
             seen: set[str] = set()
-            stored_hash: dict[str, str] = {}  # message source -> hash of the version stored now
-            stored_sources: set[str] = set()  # every document source this run stored
             ocr_queue: list[_Pending] = []
             progress.start(len(files))
             batch: list[_Pending] = []
@@ -265,13 +352,14 @@ class IngestPipeline:
                     continue
                 batch.append(pending)
                 if len(batch) >= self.batch_files:
-                    self._process(batch, writer, report, progress, (stored_hash, stored_sources), ocr_queue)
+                    overlap.submit(self._parse(batch, report, progress, ocr_queue))
                     batch = []
-            self._process(batch, writer, report, progress, (stored_hash, stored_sources), ocr_queue)
+            overlap.submit(self._parse(batch, report, progress, ocr_queue))
             # OCR last, one file per transaction: everything else of the run is already stored,
             # and a crash loses at most the file being read.
             for pending in ocr_queue:
-                self._process([pending], writer, report, progress, (stored_hash, stored_sources), None)
+                overlap.submit(self._parse([pending], report, progress, None))
+            overlap.drain()
             _note(progress, "")
             writer.regroup(regroups)
             gone = []
@@ -294,6 +382,11 @@ class IngestPipeline:
                 report.deleted = sum(1 for doc in gone if attachment_parent(doc.source) is None)
             report.total_chunks = len(writer.index)
 
+    def _embedders(self) -> list[Embedder]:
+        while len(self._replicas) < self.embed_workers - 1:
+            self._replicas.append(self.embedder.replica())
+        return [self.embedder, *self._replicas]
+
     def _inspect(
         self, file: Path, source: str, acl: AclResolver, existing: StoredDocument | None, report: IngestReport
     ) -> _Pending | None:
@@ -306,14 +399,13 @@ class IngestPipeline:
             self._fail(report, source, exc)
             return None
 
-    def _process(
-        self, batch: list[_Pending], writer: KnowledgeBaseWriter, report: IngestReport, progress: Progress,
-        stored: tuple[dict[str, str], set[str]], ocr_queue: list[_Pending] | None,
-    ) -> None:
-        """Load, chunk, embed and store ``batch`` in one transaction. With ``ocr_queue``, files
-        that need OCR are put there instead of being read; without it, OCR runs now."""
+    def _parse(
+        self, batch: list[_Pending], report: IngestReport, progress: Progress, ocr_queue: list[_Pending] | None,
+    ) -> list[tuple[_Pending, list[tuple[DocumentInput, list[ChunkInput]]]]]:
+        """Load and chunk ``batch`` (embedded and stored in one transaction by :meth:`_store`). With
+        ``ocr_queue``, files that need OCR are put there instead of being read; without it, OCR runs now."""
         if not batch:
-            return
+            return []
         parsed: list[tuple[_Pending, list[tuple[DocumentInput, list[ChunkInput]]]]] = []
         for item in batch:
             if ocr_queue is None:
@@ -370,11 +462,26 @@ class IngestPipeline:
                 progress.advance(files=1)
                 continue
             parsed.append((item, docs))
-        if not parsed:
-            return
-        texts = [self.chunker.embedding_text(doc.title, chunk.heading, chunk.text)
-                 for _, docs in parsed for doc, chunks in docs for chunk in chunks]
-        vectors = self.embedder.embed_passages(texts)
+        return parsed
+
+    def _embedding_texts(self, parsed: list) -> list[str]:
+        """What is embedded for each chunk of a parsed batch (the chunker may put its heading path first)."""
+        return [self.chunker.embedding_text(doc.title, chunk.heading, chunk.text)
+                for _, docs in parsed for doc, chunks in docs for chunk in chunks]
+
+    def _process(self, batch: list[_Pending], writer: KnowledgeBaseWriter, report: IngestReport, progress: Progress,
+                 stored: tuple[dict[str, str], set[str]], ocr_queue: list[_Pending] | None) -> None:
+        """One batch parsed, embedded and stored now, without overlap (``ingest reindex``)."""
+        parsed = self._parse(batch, report, progress, ocr_queue)
+        if parsed:
+            self._store(parsed, self.embedder.embed_passages(self._embedding_texts(parsed)), writer, report, progress,
+                        stored)
+
+    def _store(
+        self, parsed: list[tuple[_Pending, list[tuple[DocumentInput, list[ChunkInput]]]]], vectors,
+        writer: KnowledgeBaseWriter, report: IngestReport, progress: Progress, stored: tuple[dict[str, str], set[str]],
+    ) -> None:
+        """Store one parsed batch with its vectors in one transaction."""
         items, offset = [], 0
         for _, docs in parsed:
             for doc, chunks in docs:

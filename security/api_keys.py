@@ -16,6 +16,8 @@ from sqlmodel import Session, select
 from security.principal import Principal
 from security.tables import ApiKeyRow, utcnow
 
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # how stale an API key's last_used_at may be
+
 # The public prefix of every key (enc_<id>_<secret>), not a secret (bandit B105 false positive).
 TOKEN_PREFIX = "enc"  # nosec B105
 _TOKEN = re.compile(rf"{TOKEN_PREFIX}_([a-z0-9]{{12}})_([A-Za-z0-9_-]{{43}})")
@@ -123,9 +125,16 @@ class ApiKeyService:
             info = _info(row)
             if not info.active:
                 return None
-            row.last_used_at = utcnow()
-            session.add(row)
-            session.commit()
+            now = utcnow()
+            last = row.last_used_at
+            if last is not None and last.tzinfo is None:
+                last = last.replace(tzinfo=timezone.utc)  # SQLite hands back naive UTC
+            # Recorded at most once a minute per key: a write transaction on every request would
+            # serialise all searches on the database's write lock (docs/benchmarks.md, "Search over HTTP").
+            if last is None or now - last >= LAST_USED_RESOLUTION:
+                row.last_used_at = now
+                session.add(row)
+                session.commit()
         principal = Principal(subject=f"key:{info.key_id}", role=info.role, groups=tuple(info.groups),
                               knowledge_base=info.knowledge_base)
         return principal, info

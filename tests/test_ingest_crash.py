@@ -69,6 +69,10 @@ def test_sigkill_then_resume_gives_exact_chunk_set(database_url: str, tmp_path: 
         "ENCLAVE_CHUNKING__CHUNK_SIZE": str(CHUNK_SIZE),
         "ENCLAVE_CHUNKING__CHUNK_OVERLAP": str(OVERLAP),
         "ENCLAVE_INGEST__BATCH_FILES": "4",
+        # The stored vectors are compared below with the float32 fixture's to 1e-4: pin the CLI to
+        # float32 too (embedding.dtype auto picks bfloat16 on CPUs with AMX; cosine >= 0.9999,
+        # covered by test_embedder_precision.py).
+        "ENCLAVE_EMBEDDING__DTYPE": "float32",
     }
     engine = sa.create_engine(database_url)
 
