@@ -355,11 +355,13 @@ class IngestPipeline:
                     overlap.submit(self._parse(batch, report, progress, ocr_queue))
                     batch = []
             overlap.submit(self._parse(batch, report, progress, ocr_queue))
-            # OCR last, one file per transaction: everything else of the run is already stored,
-            # and a crash loses at most the file being read.
+            # OCR last, one file per transaction: everything else of the run is stored first, and
+            # each OCR'd file is stored before the next is read, so a crash loses at most the file
+            # being read (no overlap here: OCR takes seconds per page, embedding a file far less).
+            overlap.drain()
             for pending in ocr_queue:
                 overlap.submit(self._parse([pending], report, progress, None))
-            overlap.drain()
+                overlap.drain()
             _note(progress, "")
             writer.regroup(regroups)
             gone = []

@@ -315,15 +315,13 @@ def test_registry_promote_and_rollback(database_url):
 def test_cli_list_promote_rollback(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from app.cli.common import set_config
     from app.cli.finetune_cli import app
 
     monkeypatch.setenv("ENCLAVE_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("ENCLAVE_CONFIG", raising=False)
     monkeypatch.delenv("ENCLAVE_DATABASE_URL", raising=False)
-    # `finetune`'s callback keeps a container chosen by `enclave --config`; in this process an
-    # earlier CLI test may have left one for another data directory.
-    set_config(None)
+    # Each invocation builds its own container (app/cli/common.py CliSession): nothing an earlier
+    # CLI test in this process did carries over.
     registry = sqlite_registry(tmp_path)
     registry.add("v0001", base_model="m", base_model_hash="h", dataset_hash="d", path="/a",
                  hyperparameters={}, metrics={"variants": {"candidate:v0001": {"key_fact_recall": 0.5,
