@@ -54,10 +54,10 @@ class EmbeddingSettings(BaseModel):
     # torch intra-op threads while an ingest runs (restored afterwards). Parsing runs beside the
     # embedding, so one embedding thread leaves the other core to it: on the 2-core host the same 60
     # pages took 23 s with 1 thread and 78 s with torch's default 2 (docs/benchmarks.md).
-    ingest_threads: int | None = Field(1, ge=1, description="torch threads while ingesting; null: torch default")
+    ingest_threads: int | None = Field(1, ge=1, description="torch threads while `ingest run` runs (not uploads in the server); null: torch default")
     # Embedding threads while ingesting, each with its own model copy (+45 MiB in bfloat16) and
     # ingest_threads torch threads; a batch's passages are split between them.
-    ingest_workers: int = Field(2, ge=1, description="parallel embedding workers while ingesting")
+    ingest_workers: int = Field(2, ge=1, description="parallel embedding workers of `ingest run` (uploads in the server use one)")
 
 
 class GenerationSettings(BaseModel):

@@ -271,7 +271,12 @@ class IngestPipeline:
         *,
         delete_missing: bool = True,
         progress: Progress | None = None,
+        own_process: bool = True,
     ) -> IngestReport:
+        """``own_process``: the run may set torch's process-wide thread count (``embed_threads``) and
+        load more model copies (``embed_workers``), as a console ``ingest run`` does. False inside the
+        server (uploads): its generation engine shares torch's threads, and one small file gains
+        nothing from a second model copy held for the server's lifetime."""
         started = time.perf_counter()
         progress = progress or NoProgress()
         path = Path(path).expanduser().resolve()
@@ -285,7 +290,7 @@ class IngestPipeline:
         self.store.ensure_kb(kb)
         run_id = self.store.start_run(kb, str(root))
         try:
-            self._run(files, root, kb, acl, report, delete_missing, progress)
+            self._run(files, root, kb, acl, report, delete_missing, progress, own_process)
         except BaseException:
             self.store.finish_run(run_id, "failed", report.as_dict())
             report.seconds = time.perf_counter() - started
@@ -302,14 +307,14 @@ class IngestPipeline:
 
     def _run(
         self, files: list[Path], root: Path, kb: str, acl: AclResolver, report: IngestReport,
-        delete_missing: bool, progress: Progress,
+        delete_missing: bool, progress: Progress, own_process: bool = True,
     ) -> None:
         stored_hash: dict[str, str] = {}  # message source -> hash of the version stored now
         stored_sources: set[str] = set()  # every document source this run stored
         with self.store.writer(kb, self.checkpoint_seconds) as writer, _Overlap(
-            self._embedders(), lambda parsed, vectors: self._store(parsed, vectors, writer, report, progress,
-                                                               (stored_hash, stored_sources)),
-            self.embed_threads, self._embedding_texts,
+            self._embedders() if own_process else [self.embedder],
+            lambda parsed, vectors: self._store(parsed, vectors, writer, report, progress, (stored_hash, stored_sources)),
+            self.embed_threads if own_process else None, self._embedding_texts,
         ) as overlap:
             existing: dict[str, StoredDocument] = {}
             attachments_of: dict[str, list[StoredDocument]] = {}

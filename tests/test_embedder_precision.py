@@ -82,3 +82,36 @@ def test_two_embedding_workers_store_the_same_vectors(database_url, tmp_path, em
     assert vectors[1].keys() == vectors[2].keys()
     for text, vector in vectors[1].items():
         assert float(vector @ vectors[2][text]) > 0.9999
+
+
+def test_an_ingest_inside_the_server_leaves_torch_threads_and_model_copies_alone(embedder, tmp_path: Path,
+                                                                                  database_url: str):
+    """Uploads run in the serving process, whose generation shares torch's process-wide threads:
+    there (own_process=False) the pipeline embeds on the caller's threads with its one model."""
+    import torch
+
+    from app.db import make_engine
+    from ingest.chunking import Chunker
+    from ingest.pipeline import IngestPipeline
+    from retrieval.store import KnowledgeBaseStore
+    from tests.conftest import SAMPLES
+
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+    embed = embedder.embed_passages
+
+    def observed(texts):
+        seen.append(torch.get_num_threads())
+        return embed(texts)
+
+    embedder.embed_passages = observed
+    try:
+        store = KnowledgeBaseStore(make_engine(database_url), tmp_path / "indexes", embedder.embedder_id,
+                                   embedder.dimension)
+        pipeline = IngestPipeline(store, embedder, Chunker(400, 80), default_groups=["everyone"],
+                                  embed_threads=1, embed_workers=2)
+        report = pipeline.run(SAMPLES / "leave-policy.md", "uploads", own_process=False)
+    finally:
+        embedder.embed_passages = embed
+    assert report.added == 1 and seen and set(seen) == {threads}
+    assert pipeline._replicas == []  # no second model copy loaded

@@ -103,7 +103,8 @@ def create_app(container: Container) -> FastAPI:
     app.state.container = container
     app.state.uploads = Uploads(container.settings.resolved_data_dir / "uploads",
                                 documents=lambda kb, root: container.kb_store.documents(kb, root=root),
-                                ingest=lambda path, kb, groups: container.pipeline.run(path, kb, groups))
+                                ingest=lambda path, kb, groups: container.pipeline.run(path, kb, groups,
+                                                                                   own_process=False))
     errors.install(app, on_denied=record_denial)
     server = container.settings.server
     # Built now so that a broken OIDC configuration (unreadable JWKS file) stops the start.
