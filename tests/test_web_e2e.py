@@ -65,10 +65,24 @@ def browser():
         chromium.close()
 
 
+def page_state(page) -> str:
+    """What a person would see that explains a stuck step: the URL and every visible error or status."""
+    try:
+        shown = page.evaluate("""() => [...document.querySelectorAll('[role=alert], .error, [id$=-status]')]
+            .filter((el) => !el.hidden && el.textContent.trim())
+            .map((el) => `#${el.id || el.className}: ${el.textContent.trim()}`)""")
+    except Exception as exc:  # the page may be gone
+        return f"(page state unavailable: {exc})"
+    return f"{page.url}\n" + ("\n".join(shown) or "(no error shown)")
+
+
 @pytest.fixture
-def page_factory(browser, tmp_path: Path):
-    """New pages, each in its own context (own sessionStorage), with page errors collected."""
-    contexts, errors = [], []
+def page_factory(browser, tmp_path: Path, request):
+    """New pages, each in its own context (own sessionStorage), with page errors collected.
+
+    When the test fails, each page's visible errors and the server log's tail are printed, so a
+    timeout in CI says which request failed rather than only which element never appeared."""
+    contexts, errors, pages = [], [], []
 
     def new_page(width: int = 1400, height: int = 900):
         context = browser.new_context(viewport={"width": width, "height": height}, locale="en-US")
@@ -77,9 +91,16 @@ def page_factory(browser, tmp_path: Path):
         page.set_default_timeout(UI_TIMEOUT_MS)
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.on("dialog", lambda dialog: dialog.accept())  # the confirm() before removing or revoking
+        pages.append(page)
         return page
 
     yield new_page
+    call = getattr(request.node, "report_call", None)
+    if call is not None and call.failed:
+        for number, page in enumerate(pages, 1):
+            print(f"--- page {number}: {page_state(page)}")
+        if "enclave_server" in request.fixturenames:
+            print("--- server log tail:\n" + request.getfixturevalue("enclave_server").log_tail(6000))
     for context in contexts:
         context.close()
     assert not errors, f"JavaScript errors in the page: {errors}"
@@ -278,7 +299,12 @@ def test_admin_upload_find_remove_and_keys(browser, enclave_server: EnclaveServe
     notice.wait_for(state="visible")
     assert "not an administrator key" in notice.inner_text()
 
-    key_row.get_by_role("button", name="Revoke").click()
+    # Back to the admin's page: the second context's window took the focus, and a confirm() raised in
+    # a window that is not in front is not guaranteed to reach the dialog handler.
+    page.bring_to_front()
+    with page.expect_response(lambda r: r.request.method == "DELETE" and "/v1/keys/" in r.url) as revoked:
+        key_row.get_by_role("button", name="Revoke").click()
+    assert revoked.value.status == 200, revoked.value.text()
     key_row.locator(".status-pill", has_text="revoked").wait_for()
     assert api(server, "/v1/knowledge_bases", user_key)[0] == 401
 
