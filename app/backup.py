@@ -44,7 +44,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from app.db import alembic_config, current_revision, make_engine, upgrade
-from app.private import make_private, open_private, private_dir
+from app.private import create_private_file, make_private, open_private, private_dir
 from app.settings import Settings
 from security.integrity import sha256_file
 
@@ -347,7 +347,7 @@ def restore_backup(settings: Settings, path: Path, expect_manifest_sha256: str |
 
 def _restore_sqlite(copy: Path, live: Path) -> None:
     private_dir(live.parent)
-    os.close(os.open(live, os.O_RDWR | os.O_CREAT, 0o600))
+    create_private_file(live)  # 0600 from its first byte; an existing database is not opened here
     src = _read_only(copy)
     dst = sqlite3.connect(str(live), timeout=30)
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -11,7 +10,7 @@ from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from app.private import FILE_MODE, private_dir
+from app.private import create_private_file, private_dir
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -34,7 +33,12 @@ def make_engine(url: str) -> Engine:
         if path and path != ":memory:" and not path.startswith("file:"):
             private_dir(Path(path).parent)
             # SQLite gives its -wal/-shm/-journal files the database file's mode: create it 0600.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+            # Only a missing file is opened here: closing a descriptor of a file drops all of this
+            # process's POSIX locks on it, so touching a database another engine of this process
+            # has open would leave SQLite believing it holds locks the kernel no longer knows, and
+            # another process closing its connection would delete the write-ahead log under us
+            # (tests/test_sqlite_locks.py).
+            create_private_file(Path(path))
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                   hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)

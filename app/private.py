@@ -58,6 +58,17 @@ def make_private(root: Path) -> None:
                 os.chmod(path, FILE_MODE)
 
 
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty and 0600 if it does not exist; an existing file is not opened at all.
+
+    For SQLite databases: closing any descriptor of a database file drops every POSIX lock this
+    process holds on it (its open connections' locks included), so an existing one is left alone."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    except FileExistsError:
+        pass
+
+
 def open_private(path: Path, mode: str = "w", encoding: str | None = "utf-8"):
     """open() for writing a new or truncated file that is 0600 from its first byte."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)

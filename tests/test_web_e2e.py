@@ -16,6 +16,7 @@ import os
 import sqlite3
 import urllib.error
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -201,7 +202,7 @@ def test_chat_answers_cites_highlights_rates_and_continues(browser, enclave_serv
     answer.get_by_label("Correction (optional)").fill("Full-time employees get 22 days of paid annual leave.")
     answer.get_by_role("button", name="Send feedback").click()
     answer.locator(".feedback-status", has_text="recorded as helpful").wait_for()
-    with sqlite3.connect(server.data_dir / "enclave.db") as db:
+    with closing(sqlite3.connect(server.data_dir / "enclave.db")) as db:  # another process, as a CLI would be
         rows = db.execute("SELECT completion_id, rating, correction FROM app_feedback").fetchall()
     assert len(rows) == 1 and rows[0][1] == 1 and rows[0][2].startswith("Full-time employees get 22 days")
     completion_id = rows[0][0]
@@ -299,9 +300,6 @@ def test_admin_upload_find_remove_and_keys(browser, enclave_server: EnclaveServe
     notice.wait_for(state="visible")
     assert "not an administrator key" in notice.inner_text()
 
-    # Back to the admin's page: the second context's window took the focus, and a confirm() raised in
-    # a window that is not in front is not guaranteed to reach the dialog handler.
-    page.bring_to_front()
     with page.expect_response(lambda r: r.request.method == "DELETE" and "/v1/keys/" in r.url) as revoked:
         key_row.get_by_role("button", name="Revoke").click()
     assert revoked.value.status == 200, revoked.value.text()

@@ -15,6 +15,7 @@ When a record is written relative to the work (documented in docs/architecture.m
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from prometheus_client import Counter
 
 from security.audit import AppendResult, AuditError, AuditEvent, AuditLog, canonical_json, sha256_hex
 from security.pii import PiiRedactor
+
+log = logging.getLogger(__name__)
 
 AUDIT_WRITE_FAILURES = Counter(
     "enclave_audit_write_failures", "Audit records that could not be written (the request failed closed)")
@@ -88,9 +91,13 @@ class AuditService:
             return self.log.append(event)
         except AuditError as exc:
             AUDIT_WRITE_FAILURES.inc()
+            # The operator needs the cause (the client only learns "cannot be written"); statements
+            # are logged without their bound values (hide_parameters), so no query text leaks here.
+            log.error("audit record %s for %s not written: %s", event.action, event.subject, exc.__cause__ or exc)
             raise AuditUnavailable(str(exc)) from exc
         except Exception as exc:  # anything else on the way: still fail closed, still counted
             AUDIT_WRITE_FAILURES.inc()
+            log.error("audit record %s for %s not written: %r", event.action, event.subject, exc)
             raise AuditUnavailable(f"audit write failed: {type(exc).__name__}") from exc
 
     def record(self, actor: Actor, action: str, **fields: Any) -> AppendResult:
