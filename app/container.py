@@ -129,6 +129,7 @@ class Container:
         return Embedder(
             resolved.path, name=cfg.model, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
             batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
+            query_runtime=cfg.query_runtime, cache_dir=self.settings.resolved_data_dir / "cache" / "onnx",
         )
 
     @cached_property

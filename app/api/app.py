@@ -64,7 +64,8 @@ def create_app(container: Container) -> FastAPI:
         # oversubscribing the cores (measured: 16 ms vs 0.11 ms per query on a busy 2-core host).
         faiss.omp_set_num_threads(1)
         # Build the heavy parts once, before the first request: database, embedder, model.
-        await run_in_threadpool(lambda: (container.engine, container.kb_store, container.embedder.model))
+        await run_in_threadpool(lambda: (container.engine, container.kb_store, container.embedder.model,
+                                          container.embedder.prepare_queries()))
         await run_in_threadpool(app.state.uploads.recover)  # what uploads killed halfway left behind
         engine = container.generation_engine
         await engine.start()
