@@ -127,6 +127,10 @@ def in_process_breakdown(container, queries: list[str]) -> dict:
     from app.services.audit import Actor
     from security.principal import Principal
 
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # as the server does (app/api/app.py): idle OpenMP workers otherwise
+    # spin beside the next query's embedding and double its CPU time
     who = Principal(subject="bench", role="user", groups=("everyone",))
     retriever = container.retriever
     container.embedder.embed_query("warm up")
