@@ -33,7 +33,7 @@ PROBES = (
     " ".join(["The checkpointer writes dirty buffers to disk at regular intervals."] * 60),
 )
 MIN_COSINE = 0.9999
-_FILE_MODE, _DIR_MODE = 0o600, 0o700
+_FILE_MODE = 0o600
 
 
 def model_key(model_path: Path, max_seq_length: int) -> str:
@@ -121,8 +121,9 @@ def _export(reference, features, input_names: list[str], path: Path) -> None:
         def forward(self, *tensors):
             return self.model(dict(zip(input_names, tensors)))["sentence_embedding"]
 
-    path.parent.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
-    os.chmod(path.parent, _DIR_MODE)
+    from retrieval.vector_index import private_dirs
+
+    private_dirs(path.parent)  # each missing folder 0700, whatever the umask
     axes = {name: {0: "batch", 1: "tokens"} for name in input_names}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")  # 0600; renamed once complete
     os.close(fd)

@@ -31,7 +31,7 @@ def test_onnx_queries_match_torch_and_the_graph_is_cached_privately(embedder, tm
     graphs = list(cache.glob("*.onnx"))
     assert len(graphs) == 1 and not list(cache.glob("*.tmp"))
     assert stat.S_IMODE(graphs[0].stat().st_mode) == 0o600
-    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700 and stat.S_IMODE(cache.parent.stat().st_mode) == 0o700
 
     # A second embedder (another process, a restart) reuses the graph instead of exporting again.
     written = graphs[0].stat().st_mtime_ns
