@@ -80,8 +80,10 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 def _excluded(settings: Settings) -> set[Path]:
-    """Paths under the data directory that are not copied as files."""
-    out = {settings.resolved_models_dir}
+    """Paths under the data directory that are not copied as files (nor replaced by a restore):
+    the models, the SQLite files, and ``cache/`` (derived from the models: the exported ONNX query
+    graphs, rebuilt on the next start)."""
+    out = {settings.resolved_models_dir, (settings.resolved_data_dir / "cache").resolve()}
     db = _sqlite_path(settings.resolved_database_url)
     if db is not None:
         out |= {db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), db.with_name(db.name + "-journal")}

@@ -53,6 +53,8 @@ def test_round_trip_restores_everything(tmp_path: Path, database_url: str, model
     token, _ = first.api_keys.create("ops", "admin")
     (data / "adapters" / "v1").mkdir(parents=True)  # an adapter folder the fine-tuning layer would write
     (data / "adapters" / "v1" / "adapter_model.safetensors").write_bytes(b"\x00weights\x01" * 100)
+    (data / "cache" / "onnx").mkdir(parents=True)  # a query graph the server exports from the model
+    (data / "cache" / "onnx" / "all-minilm-l6-v2-0123.onnx").write_bytes(b"graph")
     before = _results(first)
     assert all(before[i] for i in range(len(before)) if i % 3 == 0)  # admins find something for every query
     stats = first.kb_store.stats("default")
@@ -64,7 +66,8 @@ def test_round_trip_restores_everything(tmp_path: Path, database_url: str, model
     names = set(manifest["files"])
     assert "data/secrets/api-key.secret" in names and "data/adapters/v1/adapter_model.safetensors" in names
     assert any(n.startswith("data/indexes/default/") for n in names)
-    assert not any(n.startswith("data/models") or n.endswith(("enclave.db-wal", "enclave.db-shm")) for n in names)
+    assert not any(n.startswith(("data/models", "data/cache")) or n.endswith(("enclave.db-wal", "enclave.db-shm"))
+                   for n in names)
 
     _wipe(first, data)
     if database_url.startswith("sqlite"):
