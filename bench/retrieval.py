@@ -118,7 +118,6 @@ APT_HINT = (
 )
 TOP_K = 10
 CHUNK_SIZE, CHUNK_OVERLAP = 750, 150
-NOISE_SIGMA = 0.02
 BUCKETS = 20
 LATENCY_TARGET_MS = 10.0
 ACL_RATIO_TARGET = 2.0
@@ -379,9 +378,7 @@ def real_documents(container, kbs: list[str]) -> list[tuple[str, list[tuple[str,
 
 def build_synthetic(container, kb: str, docs, n_chunks: int, dimension: int) -> dict:
     """Insert ``n_chunks`` chunks (real texts, noisy copies of real vectors) into ``kb``."""
-    import numpy as np
-
-    from retrieval.store import ChunkInput, DocumentInput
+    from bench.synthetic import noisy_copies, write_copies
 
     store = container.kb_store
     if kb in store.list_kbs():
@@ -389,38 +386,16 @@ def build_synthetic(container, kb: str, docs, n_chunks: int, dimension: int) -> 
         if stats.chunks == n_chunks and stats.index_generation == stats.generation:
             return {"chunks": stats.chunks, "documents": stats.documents, "seconds": None, "reused": True}
         store.delete_kb(kb)
-    rng = np.random.default_rng(20261125)
     started = time.perf_counter()
-    inserted = documents = 0
-    batch: list = []
-    copy = 0
     bucket_chunks = [0] * BUCKETS  # each document joins the bucket with the fewest chunks so far
+
+    def bucket_of(_name: str, chunks: int) -> list[str]:
+        bucket = min(range(BUCKETS), key=lambda b: (bucket_chunks[b], b))
+        bucket_chunks[bucket] += chunks
+        return [f"bucket{bucket}"]
+
     with store.writer(kb, checkpoint_seconds=1e9) as writer:
-        while inserted < n_chunks:
-            for source, chunks in docs:
-                if inserted >= n_chunks:
-                    break
-                chunks = chunks[: n_chunks - inserted]
-                base = np.frombuffer(b"".join(e for _, e in chunks), dtype=np.float32).reshape(len(chunks), dimension)
-                vectors = base + rng.normal(0.0, NOISE_SIGMA, size=base.shape).astype(np.float32)
-                vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-                name = f"copy{copy:03d}/{source}"
-                bucket = min(range(BUCKETS), key=lambda b: (bucket_chunks[b], b))
-                bucket_chunks[bucket] += len(chunks)
-                doc = DocumentInput(
-                    root="synthetic", source=name, file_type="html", title=name,
-                    content_hash=hashlib.sha256(name.encode()).hexdigest(), size=sum(len(t) for t, _ in chunks),
-                    groups=[f"bucket{bucket}"],
-                )
-                batch.append((doc, [ChunkInput(i, t, None, None) for i, (t, _) in enumerate(chunks)], vectors))
-                inserted += len(chunks)
-                documents += 1
-                if sum(len(c) for _, c, _ in batch) >= 2000:
-                    writer.replace_documents(batch)
-                    batch = []
-            copy += 1
-        if batch:
-            writer.replace_documents(batch)
+        documents, inserted = write_copies(writer, noisy_copies(docs, n_chunks, dimension, seed=20261125), bucket_of)
     return {"chunks": inserted, "documents": documents, "seconds": round(time.perf_counter() - started, 1),
             "reused": False}
 

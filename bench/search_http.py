@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -40,13 +39,13 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.serve import _free_port, percentile  # noqa: E402
 
 MODEL_NAME = "all-minilm-l6-v2"
-NOISE_SIGMA = 0.02
 
 
 def log(*parts) -> None:
@@ -68,10 +67,9 @@ def summary(samples: list[float]) -> dict:
 
 def build_kb(container, corpus: Path, files: int, chunks: int, work: Path) -> tuple[dict, list[str], "np.ndarray"]:
     """Ingest real pages into ``seed``, replicate them into ``default``; (info, texts, vectors) of default."""
-    import numpy as np
     from sqlmodel import Session, select
 
-    from retrieval.store import ChunkInput, DocumentInput
+    from bench.synthetic import noisy_copies, write_copies
     from retrieval.tables import ChunkRow
 
     staged = work / "corpus"
@@ -90,33 +88,14 @@ def build_kb(container, corpus: Path, files: int, chunks: int, work: Path) -> tu
     for doc_id, text, emb in rows:
         docs.setdefault(doc_id, []).append((text, emb))
     dim = container.embedder.dimension
-    rng = np.random.default_rng(20261205)
-    texts, vectors, inserted, copy, batch = [], [], 0, 0, []
     store = container.kb_store
     store.ensure_kb("default")
+    copies = list(noisy_copies([(f"doc{doc_id}.html", items) for doc_id, items in docs.items()], chunks, dim,
+                               seed=20261205))
     with store.writer("default", checkpoint_seconds=1e9) as writer:
-        while inserted < chunks:
-            for doc_id, items in docs.items():
-                if inserted >= chunks:
-                    break
-                items = items[: chunks - inserted]
-                base = np.frombuffer(b"".join(e for _, e in items), dtype=np.float32).reshape(len(items), dim)
-                noisy = base + rng.normal(0.0, NOISE_SIGMA, size=base.shape).astype(np.float32)
-                noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
-                name = f"copy{copy:03d}/doc{doc_id}.html"
-                doc = DocumentInput(root="synthetic", source=name, file_type="html", title=name,
-                                    content_hash=hashlib.sha256(name.encode()).hexdigest(),
-                                    size=sum(len(t) for t, _ in items), groups=["everyone"])
-                batch.append((doc, [ChunkInput(i, t, None, None) for i, (t, _) in enumerate(items)], noisy))
-                texts += [t for t, _ in items]
-                vectors.append(noisy)
-                inserted += len(items)
-                if sum(len(c) for _, c, _ in batch) >= 2000:
-                    writer.replace_documents(batch)
-                    batch = []
-            copy += 1
-        if batch:
-            writer.replace_documents(batch)
+        _, inserted = write_copies(writer, copies, lambda _name, _n: ["everyone"])
+    texts = [t for _, items, _ in copies for t, _ in items]
+    vectors = [v for _, _, v in copies]
     info = {"seed_files": len(pages), "seed_chunks": len(rows), "seed_ingest_s": round(ingest_s, 1),
             "seed_failed": report.failed, "chunks": inserted}
     return info, texts, np.vstack(vectors)
