@@ -31,6 +31,7 @@ import numpy as np
 
 from ingest.acl import ACL_FILE, AclResolver
 from ingest.chunking import Chunker
+from ingest.native_memory import limit_for_console_run, release_free_memory
 from ingest.loaders import (
     FileSkipped,
     LoadedDocument,
@@ -169,8 +170,9 @@ class _Overlap:
     """
 
     def __init__(self, embedders: list[Embedder], store: Callable[[list, object], None], threads: int | None = None,
-                 texts: Callable[[list], list[str]] = lambda parsed: []):
+                 texts: Callable[[list], list[str]] = lambda parsed: [], own_process: bool = False):
         self.embedders = embedders
+        self.own_process = own_process  # a console run: may set process-wide memory limits
         self.store = store
         self.texts = texts  # what is embedded for each chunk of a parsed batch
         self.threads = threads
@@ -180,6 +182,8 @@ class _Overlap:
 
     def __enter__(self) -> "_Overlap":
         self.pool = ThreadPoolExecutor(max_workers=len(self.embedders), thread_name_prefix="ingest-embed")
+        if self.own_process:
+            limit_for_console_run()
         if self.threads is not None:
             import torch  # the embedder's: torch's thread count is process-wide, restored on exit
 
@@ -215,6 +219,7 @@ class _Overlap:
             for part, part_vectors in results:
                 vectors[part] = part_vectors
             self.store(parsed, vectors)
+            release_free_memory()  # the batch's activations and parsed pages are gone now
 
     def __exit__(self, *exc) -> None:
         # On an error the batch being embedded is dropped (nothing of it was stored); wait for the
@@ -314,7 +319,7 @@ class IngestPipeline:
         with self.store.writer(kb, self.checkpoint_seconds) as writer, _Overlap(
             self._embedders() if own_process else [self.embedder],
             lambda parsed, vectors: self._store(parsed, vectors, writer, report, progress, (stored_hash, stored_sources)),
-            self.embed_threads if own_process else None, self._embedding_texts,
+            self.embed_threads if own_process else None, self._embedding_texts, own_process,
         ) as overlap:
             existing: dict[str, StoredDocument] = {}
             attachments_of: dict[str, list[StoredDocument]] = {}
