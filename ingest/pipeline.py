@@ -488,6 +488,7 @@ class IngestPipeline:
         if parsed:
             self._store(parsed, self.embedder.embed_passages(self._embedding_texts(parsed)), writer, report, progress,
                         stored)
+            release_free_memory()
 
     def _store(
         self, parsed: list[tuple[_Pending, list[tuple[DocumentInput, list[ChunkInput]]]]], vectors,

@@ -121,6 +121,9 @@ def reindex_command(
 ) -> None:
     """Re-chunk and re-embed, from their source files, the documents indexed with another chunker or
     embedder version. Resumable: a killed run keeps what it finished; run it again to go on."""
+    from ingest.native_memory import limit_for_console_run
+
+    limit_for_console_run()  # the console process is the reindex's own, as for `ingest run`
     container = ctx.obj.container()
     kb = kb or container.settings.default_kb
     progress = RichProgress() if (console.is_terminal and not as_json) else None
