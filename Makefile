@@ -58,10 +58,10 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -c $(TORCH_CONSTRAINT) -e '.[test]'
 	touch $@
 
+# The test and bench extras are resolved together: the bench's langchain-community 0.3 holds
+# langchain-core below 1.0, and installed alone it left the tests' langchain-openai 1.x unable to import.
 $(INSTALLED_BENCH): $(INSTALLED)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-	# test and bench resolved together: the bench's langchain-community 0.3 holds langchain-core
-	# below 1.0, and installed alone it left the tests' langchain-openai 1.x unable to import.
 	$(BIN)/python -m pip install -c $(TORCH_CONSTRAINT) -e '.[test,bench]'
 	touch $@
 
