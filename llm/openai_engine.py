@@ -32,6 +32,7 @@ from contextlib import aclosing
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import openai
 
 from llm.engine import (
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
 _BUSY_STATUSES = {429, 503}
 _MAX_RETRY_AFTER = 30.0  # seconds; a longer Retry-After is capped
+# openai 3.x wraps a connection cut while a response body or stream is read in APIConnectionError;
+# 2.x lets httpx's own error through. Both are in the supported range (pyproject), so both are caught.
+_CLIENT_ERRORS = (openai.OpenAIError, httpx.TransportError)
 _CONTEXT_ERRORS = ("context length", "context window", "maximum context", "too many tokens", "prompt is too long")
 
 
@@ -123,7 +127,8 @@ class OpenAIEngine:
         client = self._ensure_client()
         try:
             page = await client.models.list()
-        except openai.OpenAIError as exc:
+        except _CLIENT_ERRORS as caught:
+            exc = _as_openai_error(caught)
             error = self._engine_error(exc, attempts=1)
             if self.context_window is None:
                 raise EngineError(
@@ -188,7 +193,8 @@ class OpenAIEngine:
                 events = response.__aiter__()
                 first = await _until_text(events)
                 break
-            except openai.OpenAIError as exc:
+            except _CLIENT_ERRORS as caught:
+                exc = _as_openai_error(caught)
                 if response is not None:
                     await response.close()
                 if self._rejects_stream_options(exc):
@@ -213,7 +219,8 @@ class OpenAIEngine:
             try:
                 response = await client.chat.completions.create(**self._params(request, stream=False))
                 break
-            except openai.OpenAIError as exc:
+            except _CLIENT_ERRORS as caught:
+                exc = _as_openai_error(caught)
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
                     raise self._engine_error(exc, attempts=attempt + 1) from None
@@ -266,7 +273,8 @@ class OpenAIEngine:
                 prompt_tokens=usage.prompt_tokens if usage else self.count_prompt_tokens(request.messages),
                 completion_tokens=usage.completion_tokens if usage else self._count_text(text),
             )
-        except openai.OpenAIError as exc:
+        except _CLIENT_ERRORS as caught:
+            exc = _as_openai_error(caught)
             raise self._engine_error(exc, attempts=attempts, cut_off=bool(parts)) from None
         finally:
             await response.close()
@@ -453,6 +461,21 @@ async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
         yield item
     async for item in rest:
         yield item
+
+
+def _as_openai_error(exc: BaseException) -> openai.OpenAIError:
+    """``exc`` as the openai client's own error type: httpx timeouts and transport failures become
+    APITimeoutError / APIConnectionError (with the httpx error as their cause)."""
+    if isinstance(exc, openai.OpenAIError):
+        return exc
+    try:
+        request = exc.request
+    except RuntimeError:  # httpx raises this when the error was not tied to a request
+        request = httpx.Request("POST", "http://engine.invalid/")
+    error: openai.OpenAIError = (openai.APITimeoutError(request=request) if isinstance(exc, httpx.TimeoutException)
+                                 else openai.APIConnectionError(request=request))
+    error.__cause__ = exc
+    return error
 
 
 async def _until_text(events: AsyncIterator) -> list:
