@@ -127,8 +127,7 @@ class OpenAIEngine:
         client = self._ensure_client()
         try:
             page = await client.models.list()
-        except _CLIENT_ERRORS as caught:
-            exc = _as_openai_error(caught)
+        except _CLIENT_ERRORS as exc:
             error = self._engine_error(exc, attempts=1)
             if self.context_window is None:
                 raise EngineError(
@@ -193,8 +192,7 @@ class OpenAIEngine:
                 events = response.__aiter__()
                 first = await _until_text(events)
                 break
-            except _CLIENT_ERRORS as caught:
-                exc = _as_openai_error(caught)
+            except _CLIENT_ERRORS as exc:
                 if response is not None:
                     await response.close()
                 if self._rejects_stream_options(exc):
@@ -219,8 +217,7 @@ class OpenAIEngine:
             try:
                 response = await client.chat.completions.create(**self._params(request, stream=False))
                 break
-            except _CLIENT_ERRORS as caught:
-                exc = _as_openai_error(caught)
+            except _CLIENT_ERRORS as exc:
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
                     raise self._engine_error(exc, attempts=attempt + 1) from None
@@ -273,8 +270,7 @@ class OpenAIEngine:
                 prompt_tokens=usage.prompt_tokens if usage else self.count_prompt_tokens(request.messages),
                 completion_tokens=usage.completion_tokens if usage else self._count_text(text),
             )
-        except _CLIENT_ERRORS as caught:
-            exc = _as_openai_error(caught)
+        except _CLIENT_ERRORS as exc:
             raise self._engine_error(exc, attempts=attempts, cut_off=bool(parts)) from None
         finally:
             await response.close()
@@ -305,7 +301,7 @@ class OpenAIEngine:
 
     # --- errors -----------------------------------------------------------------------------------
 
-    def _rejects_stream_options(self, exc: openai.OpenAIError) -> bool:
+    def _rejects_stream_options(self, exc: Exception) -> bool:
         """True (once) when the server refused the ``stream_options`` field: stop sending it."""
         if (
             self._include_usage
@@ -318,8 +314,9 @@ class OpenAIEngine:
             return True
         return False
 
-    def _retry_delay(self, exc: openai.OpenAIError, attempt: int) -> float | None:
+    def _retry_delay(self, exc: Exception, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or None when ``exc`` is final."""
+        exc = _as_openai_error(exc)
         if attempt >= self.max_retries or isinstance(exc, openai.APITimeoutError):
             return None
         if isinstance(exc, openai.APIStatusError):
@@ -337,7 +334,8 @@ class OpenAIEngine:
         log.warning("%s the %s; retry %d/%d in %.1f s", reason, self._where, attempt + 1, self.max_retries, delay)
         return delay
 
-    def _engine_error(self, exc: openai.OpenAIError, *, attempts: int, cut_off: bool = False) -> EngineError:
+    def _engine_error(self, exc: Exception, *, attempts: int, cut_off: bool = False) -> EngineError:
+        exc = _as_openai_error(exc)
         tries = f" (after {attempts} attempts)" if attempts > 1 else ""
         if isinstance(exc, openai.APITimeoutError):
             error: EngineError = EngineError(f"the {self._where} did not answer within {self.timeout:g} s")
@@ -463,7 +461,7 @@ async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
         yield item
 
 
-def _as_openai_error(exc: BaseException) -> openai.OpenAIError:
+def _as_openai_error(exc: Exception) -> openai.OpenAIError:
     """``exc`` as the openai client's own error type: httpx timeouts and transport failures become
     APITimeoutError / APIConnectionError (with the httpx error as their cause)."""
     if isinstance(exc, openai.OpenAIError):
