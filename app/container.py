@@ -130,6 +130,7 @@ class Container:
             resolved.path, name=cfg.model, query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
             batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
             query_runtime=cfg.query_runtime, cache_dir=self.settings.resolved_data_dir / "cache" / "onnx",
+            query_weights=cfg.query_weights,
         )
 
     @cached_property

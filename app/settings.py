@@ -62,6 +62,9 @@ class EmbeddingSettings(BaseModel):
     # once from the model's weights, 3.2 ms a query instead of 7.6 through torch on the 2-core host
     # (cosine >= 0.99999 to torch; docs/benchmarks.md "Search over HTTP"). torch: no export.
     query_runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    # The ONNX query graph's matrix weights: int8 (8 bits in blocks of 32, int8 products; 8.3 -> 7.0 ms
+    # a query on the AMD host, benchmark retrieval within 0.004 of float32) or float32.
+    query_weights: Literal["int8", "float32"] = "int8"
 
 
 class GenerationSettings(BaseModel):

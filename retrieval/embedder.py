@@ -59,6 +59,7 @@ class Embedder:
         dtype: str = "float32",
         query_runtime: str = "torch",
         cache_dir: Path | str | None = None,
+        query_weights: str = "int8",
     ):
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -72,6 +73,7 @@ class Embedder:
         # ONNX Runtime for queries on CPU only, and only with somewhere to keep the exported graph.
         self.query_runtime = query_runtime if device == "cpu" and cache_dir is not None else "torch"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.query_weights = query_weights  # of the ONNX query graph: int8 or float32 (retrieval.onnx_query)
         self._model = None
         self._dimension: int | None = None
         self._query_encoder = None
@@ -100,7 +102,8 @@ class Embedder:
         """The same embedder with a model copy of its own (loaded lazily): for a second thread."""
         return Embedder(self.model_path, name=self.name, query_prefix=self.query_prefix,
                         passage_prefix=self.passage_prefix, batch_size=self.batch_size, device=self.device,
-                        dtype=self.dtype, query_runtime=self.query_runtime, cache_dir=self.cache_dir)
+                        dtype=self.dtype, query_runtime=self.query_runtime, cache_dir=self.cache_dir,
+                        query_weights=self.query_weights)
 
     @property
     def embedder_id(self) -> str:
@@ -154,7 +157,7 @@ class Embedder:
         # One thread: 3.2 ms a query either way without busy-waiting (2 threads spinning: 2.2 ms, but
         # spinning takes the core from the generator and from concurrent searches).
         return OnnxQueryEncoder.build(self.model_path, reference, self.cache_dir, threads=1,
-                                      tokenize=tokenizer_of(model))
+                                      tokenize=tokenizer_of(model), weights=self.query_weights)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         if not texts:

@@ -550,6 +550,24 @@ def test_health(server):
     assert ready["status"] == "ready" and ready["checks"] == {"database": "ok", "indexes": "ok", "model": "ok"}
 
 
+def test_security_headers_on_pages_api_and_errors(server):
+    page = httpx.get(f"{server['base']}/")
+    assert page.status_code == 200
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    with http(server, "user") as staff:
+        api = staff.post("/v1/search", json={"query": "annual leave"})
+    refused = httpx.post(f"{server['base']}/v1/search", json={"query": "x"})
+    for response, status in ((api, 200), (refused, 401)):
+        assert response.status_code == status
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        # The API answers JSON to clients, not pages to browsers: no page policy, each header once.
+        assert "content-security-policy" not in response.headers
+        assert len(response.headers.get_list("x-content-type-options")) == 1
+        assert "strict-transport-security" not in response.headers  # plain HTTP here
+
+
 # --- schemathesis over the OpenAPI schema: no 5xx, responses conform ------------------------------
 
 def test_openapi_schema_conformance(server, tmp_path: Path):

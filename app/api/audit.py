@@ -62,7 +62,7 @@ class AuditTrail:
         return AsyncOperation(self.service, actor(self.request), name, **fields)
 
 
-def trail(request: Request, c: Container = Depends(container)) -> AuditTrail:
+async def trail(request: Request, c: Container = Depends(container)) -> AuditTrail:
     return AuditTrail(c.audit, request)
 
 

@@ -32,11 +32,14 @@ def _kb_name(name: str) -> str:
 KnowledgeBaseName = Annotated[str, AfterValidator(_kb_name)]
 
 
-def container(request: Request) -> Container:
+# Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in the thread
+# pool, and each such hop costs the event loop more than the work it wraps (docs/benchmarks.md,
+# "Search over HTTP").
+async def container(request: Request) -> Container:
     return request.app.state.container
 
 
-def uploads(request: Request) -> Uploads:
+async def uploads(request: Request) -> Uploads:
     return request.app.state.uploads
 
 
@@ -115,7 +118,7 @@ def principal(request: Request, c: Container = Depends(container)) -> Principal:
 def require(*roles: str) -> Callable[..., Principal]:
     """Dependency that admits only the given roles (admin always passes)."""
 
-    def check(who: Principal = Depends(principal)) -> Principal:
+    async def check(who: Principal = Depends(principal)) -> Principal:
         if who.role != "admin" and who.role not in roles:
             raise ApiError(403, f"this operation needs one of the roles: {', '.join(('admin', *roles))}", "forbidden")
         return who
