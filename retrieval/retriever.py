@@ -378,26 +378,19 @@ class Retriever:
     def readable_chunks(self, chunk_ids: list[int], principal: Principal) -> dict[int, RetrievedChunk]:
         """The chunks among ``chunk_ids`` that exist and that ``principal`` may read *now* (scores
         empty): the rows' current groups decide, and a pinned principal reads its knowledge base only."""
-        rows = self.store.chunks(list(chunk_ids)) if chunk_ids else {}
-        doc_ids = {row.document_id for row in rows.values()}
-        with Session(self.store.engine) as session:
-            docs = {
-                d.id: d for d in session.exec(select(DocumentRow).where(DocumentRow.id.in_(doc_ids)))
-            } if doc_ids else {}
+        # A chunk whose document an ingest removed since the snapshot was loaded has no row here.
+        rows = self.store.chunks_with_documents(chunk_ids) if chunk_ids else []
         groups = set(principal.groups)
         readable = {}
-        for chunk_id, row in rows.items():
+        for row in rows:
             # Defence in depth: the row's current groups are checked again, so an ACL narrowed by
             # an ingest that has not yet published its index can never widen what is returned.
             if not principal.reads_everything() and groups.isdisjoint(decode_groups(row.groups)):
                 continue
             if principal.knowledge_base is not None and row.kb != principal.knowledge_base:
                 continue
-            doc = docs.get(row.document_id)
-            if doc is None:  # removed by an ingest since the snapshot was loaded
-                continue
-            readable[chunk_id] = RetrievedChunk(
-                chunk_id=row.id, document_id=row.document_id, source=doc.source, title=doc.title, page=row.page,
+            readable[row.id] = RetrievedChunk(
+                chunk_id=row.id, document_id=row.document_id, source=row.source, title=row.title, page=row.page,
                 heading=row.heading, text=row.text, dense_score=None, bm25_score=None, fused_score=0.0,
             )
         return readable

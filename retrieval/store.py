@@ -110,6 +110,14 @@ class KnowledgeBaseStats:
     stale_documents: int = 0
 
 
+_CHUNKS_WITH_DOCUMENTS = (
+    sa.select(ChunkRow.id, ChunkRow.document_id, ChunkRow.page, ChunkRow.heading, ChunkRow.text, ChunkRow.groups,
+              ChunkRow.kb, DocumentRow.source, DocumentRow.title)
+    .join(DocumentRow, DocumentRow.id == ChunkRow.document_id)
+    .where(ChunkRow.id.in_(sa.bindparam("ids", expanding=True)))
+)
+
+
 def _batched(items: Sequence[int], size: int = _ID_BATCH) -> Iterator[Sequence[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -285,6 +293,17 @@ class KnowledgeBaseStore:
                 for row in session.exec(select(ChunkRow).where(ChunkRow.id.in_(batch))):
                     session.expunge(row)
                     found[row.id] = row
+        return found
+
+    def chunks_with_documents(self, ids: Sequence[int]) -> list:
+        """For each of ``ids`` that exists with its document: the chunk's id, document_id, page,
+        heading, text, groups and kb, and the document's source and title (no vector). One cached
+        statement per call instead of two ORM queries: the rows a search returns (a search's
+        second-largest cost after the query embedding, docs/benchmarks.md "Search over HTTP")."""
+        found = []
+        with self.engine.connect() as conn:
+            for batch in _batched(list(ids)):
+                found += conn.execute(_CHUNKS_WITH_DOCUMENTS, {"ids": list(batch)}).all()
         return found
 
     # Ingest runs ----------------------------------------------------------------------------
