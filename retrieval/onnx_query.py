@@ -24,6 +24,7 @@ quantized (an older ONNX Runtime) is used in float32, with a warning.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -75,15 +76,15 @@ class OnnxQueryEncoder:
         disagrees with torch."""
         if weights not in WEIGHTS:
             raise ValueError(f"query graph weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("onnxruntime") is None:
             log.warning("onnxruntime is not installed: queries are embedded with torch")
             return None
         encoder = cls._build(model_path, reference, cache_dir, threads, tokenize, weights)
         if encoder is None and weights != "float32":
             log.warning("int8 query graph for %s unavailable: trying float32", Path(model_path).name)
             encoder = cls._build(model_path, reference, cache_dir, threads, tokenize, "float32")
+        if encoder is None:
+            log.warning("queries for %s are embedded with torch", Path(model_path).name)
         return encoder
 
     @classmethod
@@ -106,19 +107,19 @@ class OnnxQueryEncoder:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # a broken cache file, an exporter that cannot handle the model
-            log.warning("ONNX query graph for %s (%s) unavailable (%s: %s): queries are embedded with torch",
-                        Path(model_path).name, weights, type(exc).__name__, exc)
+            log.warning("ONNX query graph for %s (%s) unavailable (%s: %s)", Path(model_path).name, weights,
+                        type(exc).__name__, exc)
             path.unlink(missing_ok=True)
             return None
         encoder = cls(session, tokenize or tokenizer_of(reference), input_names)
-        # No progress bar: sentence-transformers shows one at log level INFO, and tqdm's lock shared
-        # with the process's other threads deadlocked a `serve --workers 2` worker at start.
+        # No progress bar: sentence-transformers shows one at log level INFO, and a `serve --workers 2`
+        # worker hung at start in tqdm's write lock (its main thread, collecting a bar, waited forever).
         expected = _normalise(np.asarray(reference.encode(list(PROBES), convert_to_numpy=True, show_progress_bar=False),
                                          dtype=np.float32))
         cosine = float(np.min(np.sum(encoder.encode(list(PROBES)) * expected, axis=1)))
         if cosine < MIN_COSINE[weights]:
-            log.warning("ONNX query graph for %s (%s) disagrees with torch (cosine %.5f): queries are embedded "
-                        "with torch", Path(model_path).name, weights, cosine)
+            log.warning("ONNX query graph for %s (%s) disagrees with torch (cosine %.5f)", Path(model_path).name,
+                        weights, cosine)
             path.unlink(missing_ok=True)
             return None
         return encoder
