@@ -58,8 +58,8 @@ class EmbeddingSettings(BaseModel):
     # Embedding threads while ingesting, each with its own model copy (+45 MiB in bfloat16) and
     # ingest_threads torch threads; a batch's passages are split between them.
     ingest_workers: int = Field(2, ge=1, description="parallel embedding workers of `ingest run` (uploads in the server use one)")
-    # Queries (one short text per search) through ONNX Runtime: the same float32 network exported
-    # once from the model's weights, 3.2 ms a query instead of 7.6 through torch on the 2-core host
+    # Queries (one short text per search) through ONNX Runtime: the same network exported once from
+    # the model's weights, 3.2 ms a query in float32 instead of 7.6 through torch on the 2-core host
     # (cosine >= 0.99999 to torch; docs/benchmarks.md "Search over HTTP"). torch: no export.
     query_runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
     # The ONNX query graph's matrix weights: int8 (8 bits in blocks of 32, int8 products; 8.3 -> 7.0 ms

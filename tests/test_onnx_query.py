@@ -70,7 +70,8 @@ def test_int8_that_cannot_be_made_falls_back_to_float32(embedder, tmp_path: Path
     cache = tmp_path / "onnx"
     fallback = _embedder(embedder.model_path, cache)
     assert fallback.prepare_queries() is not None
-    assert [p.name.endswith("-int8.onnx") for p in cache.glob("*.onnx")] == [False]
+    graphs = list(cache.glob("*.onnx"))
+    assert len(graphs) == 1 and not graphs[0].name.endswith("-int8.onnx")  # the float32 graph serves
     assert not list(cache.glob("*.tmp"))
     assert float(fallback.embed_query(QUERIES[0]) @ embedder.embed_query(QUERIES[0])) > 0.9999
 

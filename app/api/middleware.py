@@ -84,6 +84,9 @@ class RequestContextMiddleware:
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 _API_PATHS = ("/v1/", "/docs", "/redoc", "/openapi")
+_EVERYWHERE = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
+_OVER_HTTPS = ((b"strict-transport-security", b"max-age=31536000"),)
+_ON_PAGES = ((b"content-security-policy", CSP.encode()), (b"x-frame-options", b"DENY"))
 
 
 class SecurityHeadersMiddleware:
@@ -98,11 +101,8 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope.setdefault("state", {})["started"] = time.perf_counter()  # read back as request.state.started
-        extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
-        if scope.get("scheme") == "https":
-            extra.append((b"strict-transport-security", b"max-age=31536000"))
-        if not scope["path"].startswith(_API_PATHS):
-            extra += [(b"content-security-policy", CSP.encode()), (b"x-frame-options", b"DENY")]
+        extra = (_EVERYWHERE + (_OVER_HTTPS if scope.get("scheme") == "https" else ())
+                 + (() if scope["path"].startswith(_API_PATHS) else _ON_PAGES))
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
